@@ -75,6 +75,8 @@ class SidsConfig:
     codes: int = 32  # codes per level (paper: 4 x 256; small catalogues want fewer)
     seed: int = 0
     kmeans_iters: int = 50
+    embed_batch_size: int = 64  # texts per encoder batch
+    embed_max_length: int = 128  # encoder=backbone: tokens kept per item text
     rqvae_code_dim: int = 32
     rqvae_hidden: int = 256
     rqvae_epochs: int = 100
@@ -82,6 +84,7 @@ class SidsConfig:
     rqvae_batch_size: int = 256
     rqvae_beta: float = 0.25  # commitment weight
     rqvae_balance: float = 0.1  # balanced-usage regulariser weight
+    rqvae_accelerator: str = "cpu"  # cpu | gpu | auto (the RQ-VAE is small: CPU is the default)
     import_index: Optional[str] = None  # an existing NAME.index.json to validate / repair
     repair: bool = True  # imported index with collisions: append the dedup level (else error)
     force: bool = False  # rebuild even when inputs are unchanged
@@ -92,7 +95,6 @@ class GroundStageConfig:
     templates: list[str] = field(
         default_factory=lambda: ["title2sid", "desc2sid", "both2sid", "sid2title", "sid2desc", "sid2both"]
     )
-    epochs: int = 1
     unfreeze_steps: int = 0  # optional second phase: unfreeze everything for N steps (paper §4.1)
     unfreeze_lr: float = 1e-5
 

@@ -1,0 +1,268 @@
+"""Stage 2 `python -m gti.finetune [config.yaml] [key=value ...]` — next-item fine-tuning + evaluation.
+
+`init_from=RUN_DIR` takes a gti.ground folder (tokenizer, SIDs, dataset come with it); without it
+the base model is extended with `init=...` so baselines run through the same code. Evaluation is
+trie-constrained beam search (design.md §7): Recall@K / NDCG@K from the target's rank among the
+de-duplicated items of the returned beams, every example counted once, under DDP too.
+Writes model/, metrics.json, predictions.jsonl, gti.json, config.yaml and logs/ into output_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from gti.config import FinetuneConfig, load_config, to_yaml
+from gti.data import Dataset, Example, leave_one_out, load_dataset
+from gti.diagnose import diagnose_rows, public
+from gti.errors import ConfigError
+from gti.io import file_sha256, write_json, write_jsonl
+from gti.metrics import RankingMetrics, popularity_ranking, random_ranking, rank_of
+from gti.setup import RunDir, ensure_dataset, extend_model, make_trainer, run_metadata, save_hf, write_metadata
+from gti.templates import REC_TEMPLATES, PromptFormatter, pad_batch, render, sid_string
+from gti.trie import SidTrie, beams_to_items, constrained_beam_search
+from gti.vocab import NewTokens
+
+
+class RecommenderModule(L.LightningModule):
+    def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig):
+        super().__init__()
+        self.model, self.tokenizer, self.trie, self.cfg = model, tokenizer, trie, cfg
+        ks = tuple(cfg.eval.ks)
+        self.val_metrics, self.test_metrics = RankingMetrics(ks), RankingMetrics(ks)
+        self.predictions: list[dict] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _rank(self, batch) -> tuple[list[list[int]], torch.Tensor]:
+        beams = constrained_beam_search(
+            self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.trie,
+            num_beams=self.cfg.eval.num_beams, num_return=self.cfg.eval.num_beams,
+        )  # fmt: skip
+        items = beams_to_items(beams, self.trie)
+        ranks = torch.tensor([rank_of(int(t), its) for t, its in zip(batch["target"], items)], device=self.device)
+        return items, ranks
+
+    def validation_step(self, batch, batch_idx):
+        _, ranks = self._rank(batch)
+        self.val_metrics.update(batch["index"], ranks)
+
+    def on_validation_epoch_end(self):
+        for k, v in self.val_metrics.compute().items():
+            self.log(f"val/{k}", float(v), sync_dist=False, rank_zero_only=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch, batch_idx):
+        items, ranks = self._rank(batch)
+        self.test_metrics.update(batch["index"], ranks)
+        k = max(self.cfg.eval.ks)
+        for i, u, t, its, r in zip(batch["index"].tolist(), batch["user"].tolist(), batch["target"].tolist(), items, ranks.tolist()):
+            self.predictions.append({"index": i, "user": u, "target": t, "rank": r, "items": its[:k]})
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.cfg.optim.lr, weight_decay=self.cfg.optim.weight_decay)
+        warm = self.cfg.optim.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+# ----------------------------------------------------------------------------------------- data
+def rec_prompt(ds: Dataset, ex: Example, template: int) -> tuple[str, str]:
+    history = ", ".join(sid_string(ds.index[i]) for i in ex.history)
+    return render(REC_TEMPLATES[template], history=history, sid=sid_string(ds.index[ex.target]))
+
+
+def train_rows(ds: Dataset, train: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig, new: NewTokens) -> list:
+    # the paper's three phrasings, one per example in turn
+    rows = [fmt.encode(*rec_prompt(ds, ex, cfg.templates[ex.index % len(cfg.templates)]), cfg.max_length) for ex in train]
+    if cfg.multitask:  # LC-Rec multi-task baseline: also learn text <-> SID
+        from gti.ground import grounding_examples
+        from gti.templates import GROUNDING_TEMPLATES
+
+        rows += grounding_examples(ds, new, fmt, list(GROUNDING_TEMPLATES), cfg.max_length)
+    return rows
+
+
+def eval_collate(tokenizer, fmt: PromptFormatter, ds: Dataset, template: int):
+    def collate(examples: list[Example]) -> dict:
+        from gti.templates import Encoded
+
+        enc = [Encoded(fmt.prompt_ids(rec_prompt(ds, ex, template)[0]), []) for ex in examples]
+        for e in enc:
+            e.labels = [-100] * len(e.input_ids)
+        batch = pad_batch(enc, tokenizer.pad_token_id, left=True)  # left padding for generation
+        batch.pop("labels")
+        batch["index"] = torch.tensor([ex.index for ex in examples])
+        batch["target"] = torch.tensor([ex.target for ex in examples])
+        batch["user"] = torch.tensor([ex.user for ex in examples])
+        return batch
+
+    return collate
+
+
+# ----------------------------------------------------------------------------------------- setup
+def load_stage1(cfg: FinetuneConfig):
+    """Model, tokenizer, dataset and new tokens from a gti.ground folder (validated first)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = Path(cfg.init_from)
+    problems = []
+    if not (run / "gti.json").is_file():
+        problems.append(f"init_from={run}: not a gti.ground output folder (no gti.json)")
+    if not (run / "model" / "config.json").is_file():
+        problems.append(f"init_from={run}: no model/ folder with config.json")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+    meta = json.loads((run / "gti.json").read_text())
+    if meta.get("stage") != "ground":
+        raise ConfigError(f"init_from={run}: gti.json says stage={meta.get('stage')!r}, expected 'ground'")
+    d = meta["dataset"]
+    if (cfg.data.name, cfg.data.root) != (d["name"], d["root"]):
+        print(f"[gti.finetune] dataset from {run}: {d['root']}/{d['name']} (overrides data.name={cfg.data.name})")
+    cfg.data.name, cfg.data.root, cfg.model = d["name"], d["root"], meta["base_model"]
+    ds = load_dataset(d["root"], d["name"], need_index=True)
+    if file_sha256(ds.path("index")) != meta["sid_index"]["sha256"]:
+        raise ConfigError(f"{ds.path('index')} changed since {run} was grounded; re-run gti.ground")
+    from gti.setup import subset
+
+    ds = subset(ds, cfg.data.max_users, cfg.data.max_items)
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    model = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)
+    nt = meta["new_tokens"]
+    if len(tokenizer) != nt["start"] + nt["count"] or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ConfigError(f"{run}/model: tokenizer size {len(tokenizer)} does not match gti.json / embedding rows")
+    return model, tokenizer, ds, NewTokens(nt["tokens"], nt["start"], [[] for _ in nt["tokens"]]), meta
+
+
+def apply_lora(model, cfg: FinetuneConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lc = LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        modules_to_save=["embed_tokens", "lm_head"],  # paper: embeddings + head trainable
+    )  # fmt: skip
+    return get_peft_model(model, lc)
+
+
+def baselines(ds: Dataset, train_inter: dict, examples: list[Example], ks: list[int], seed: int) -> dict:
+    """Most-popular and random item lists scored by the same metric code."""
+    out = {}
+    k = max(ks)
+    pop = popularity_ranking(train_inter, k)
+    gen = torch.Generator().manual_seed(seed)
+    for name in ("popularity", "random"):
+        m = RankingMetrics(tuple(ks))
+        ranks = []
+        for ex in examples:
+            items = pop if name == "popularity" else random_ranking(ds.num_items, k, gen)
+            ranks.append(rank_of(ex.target, items))
+        m.update(torch.tensor([ex.index for ex in examples]), torch.tensor(ranks))
+        out[name] = {k2: float(v) for k2, v in m.compute().items()}
+    return out
+
+
+def run(cfg: FinetuneConfig) -> Path:
+    L.seed_everything(cfg.seed, workers=True)
+    t0 = time.time()
+    if cfg.init_from:
+        model, tokenizer, ds, new, _ = load_stage1(cfg)
+    else:
+        ds = ensure_dataset(cfg.data, cfg.sids)
+        model, tokenizer, new = extend_model(cfg.model, ds, cfg.init, cfg.init_options, None, cfg.seed)
+    run_dir = RunDir(Path(cfg.output_dir))
+    work = run_dir.start(cfg.resume, cfg)
+
+    splits = leave_one_out(ds.inter, cfg.data.max_history)
+    valid, test = splits["valid"], splits["test"]
+    if cfg.eval.max_users > 0:
+        valid, test = valid[: cfg.eval.max_users], test[: cfg.eval.max_users]
+    fmt = PromptFormatter(tokenizer)
+    rows = train_rows(ds, splits["train"], fmt, cfg, new)
+    items = sorted(ds.index)
+    trie = SidTrie([tokenizer.convert_tokens_to_ids(ds.index[i]) for i in items], tokenizer.eos_token_id)
+    collate = eval_collate(tokenizer, fmt, ds, cfg.templates[0])
+    g = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(rows, batch_size=cfg.optim.batch_size, shuffle=True, generator=g, num_workers=cfg.trainer.num_workers, collate_fn=lambda r: pad_batch(r, tokenizer.pad_token_id))
+    val_loader = DataLoader(valid, batch_size=cfg.eval.batch_size, collate_fn=collate)
+    test_loader = DataLoader(test, batch_size=cfg.eval.batch_size, collate_fn=collate)
+
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg)
+    module = RecommenderModule(model, tokenizer, trie, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(
+        f"[gti.finetune] {len(ds.inter)} users, {ds.num_items} items, {len(rows)} training rows, "
+        f"{len(valid)} valid / {len(test)} test users, beam {cfg.eval.num_beams}\n"
+        f"[gti.finetune] trainable parameters: {trainable:,}{' (LoRA)' if cfg.lora.enabled else ''}\n"
+        f"[gti.finetune] example: {tokenizer.decode(rows[0].input_ids)!r}"
+    )
+
+    trainer = make_trainer(cfg.trainer, work, cfg.trainer.max_steps)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=run_dir.last_checkpoint(cfg.resume))
+    val_result = trainer.validate(module, val_loader, verbose=False)[0]
+    test_result = trainer.test(module, test_loader, verbose=False)
+    preds = gather_predictions(module.predictions)
+    test_metrics = {k: float(v) for k, v in module.test_metrics.compute().items()}
+
+    if not trainer.is_global_zero:
+        return run_dir.final
+    if cfg.lora.enabled:
+        model = model.merge_and_unload()
+    metrics = {
+        "valid": {k.removeprefix("val/"): v for k, v in val_result.items()},
+        "test": test_metrics,
+        "baselines": {"test": baselines(ds, {u: s[:-2] for u, s in ds.inter.items()}, test, cfg.eval.ks, cfg.seed)},
+        "steps": trainer.global_step,
+        "wall_time_s": round(time.time() - t0, 1),
+    }
+    del test_result
+    diag = diagnose_rows(model, tokenizer, new, ds, work, "finetuned")
+    write_json(work / "metrics.json", metrics)
+    write_jsonl(work / "predictions.jsonl", sorted(preds, key=lambda p: p["index"]))
+    save_hf(model, tokenizer, work / "model")
+    write_metadata(work, run_metadata("finetune", cfg, ds, new, init_from=cfg.init_from, metrics=metrics, diagnostics=public(diag)))
+    out = run_dir.finish()
+    print(f"[gti.finetune] test: " + ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "@" in k))
+    print(f"[gti.finetune] popularity: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["baselines"]["test"]["popularity"].items() if "@" in k))
+    print(f"[gti.finetune] done in {time.time() - t0:.0f}s -> {out}")
+    return out
+
+
+def gather_predictions(local: list[dict]) -> list[dict]:
+    """All ranks' predictions, each example once (the DDP sampler pads with repeats)."""
+    rows = local
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, local)
+        rows = [r for p in parts for r in p]
+    seen, out = set(), []
+    for r in rows:
+        if r["index"] not in seen:
+            seen.add(r["index"])
+            out.append(r)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gti.cli import guarded
+
+    cfg = guarded(lambda: load_config(FinetuneConfig, argv))
+    print(to_yaml(cfg))
+    guarded(lambda: run(cfg))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

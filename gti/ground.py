@@ -1,0 +1,174 @@
+"""Stage 1 `python -m gti.ground [config.yaml] [key=value ...]` — GTI grounding (arXiv 2604.02324 §3).
+
+Freeze the whole LM; train only the new token rows with next-token loss on paired text in both
+directions (item text -> SID, SID -> item text). Writes a self-describing run folder:
+  model/ (plain HF model + tokenizer)  gti.json  config.yaml  diagnostics*.json + PNGs  logs/
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from gti.config import GroundConfig, load_config, to_yaml
+from gti.data import Dataset
+from gti.diagnose import diagnose_rows, public
+from gti.overlay import install_overlay, merge_overlay, overlay_rows
+from gti.setup import RunDir, ensure_dataset, extend_model, make_trainer, run_metadata, save_hf, write_metadata
+from gti.templates import GROUNDING_TEMPLATES, Encoded, PromptFormatter, pad_batch, render, sid_string
+from gti.vocab import NewTokens
+
+TOKEN_TEMPLATES = {  # for tokens.jsonl entries (domain words, special tokens, another language)
+    "token2desc": ("What does {token} mean?", "{description}"),
+    "desc2token": ("Which word means: {description}?", "{token}"),
+}
+
+
+class GroundingModule(L.LightningModule):
+    """Only the overlay tables are parameters the optimiser sees; the LM is frozen (design.md §6)."""
+
+    def __init__(self, model, new: NewTokens, lr: float, weight_decay: float, warmup_steps: int, full: bool = False):
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.warmup_steps, self.full = lr, weight_decay, warmup_steps, full
+        if full:  # optional second phase (paper §4.1): everything trains
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:
+            install_overlay(model, new.start, len(new))
+        self.strict_loading = False  # checkpoints hold only the trainable tensors
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite grounding loss at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        warm = max(self.warmup_steps, 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint):
+        # frozen weights are the base model's: keep checkpoints |V_new| x d, not the whole LM
+        keep = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+
+def grounding_examples(ds: Dataset, new: NewTokens, fmt: PromptFormatter, templates: list[str], max_length: int) -> list[Encoded]:
+    rows: list[Encoded] = []
+    for item in sorted(ds.items):
+        meta = ds.items[item]
+        fields = {
+            "title": str(meta.get("title", "")).strip(),
+            "description": str(meta.get("description", "")).strip() or "(no description)",
+            "sid": sid_string(ds.index[item]),
+        }
+        for name in templates:
+            rows.append(fmt.encode(*render(GROUNDING_TEMPLATES[name], **fields), max_length))
+    sid_set = {t for toks in ds.index.values() for t in toks}
+    for token, descs in zip(new.tokens, new.descriptions):
+        if token in sid_set:
+            continue
+        for template in TOKEN_TEMPLATES.values():
+            rows.append(fmt.encode(*render(template, token=token, description=descs[0]), max_length))
+    return rows
+
+
+def validate(cfg: GroundConfig) -> None:
+    from gti.errors import ConfigError
+
+    problems = [f"ground.templates: unknown template '{t}' (known: {', '.join(GROUNDING_TEMPLATES)})" for t in cfg.ground.templates if t not in GROUNDING_TEMPLATES]
+    if cfg.tokens_file and not Path(cfg.tokens_file).is_file():
+        problems.append(f"tokens_file: {cfg.tokens_file} not found")
+    if cfg.optim.batch_size < 1 or cfg.max_length < 8:
+        problems.append("optim.batch_size must be >= 1 and max_length >= 8")
+    from gti.init_strategies import STRATEGIES
+
+    if cfg.init not in STRATEGIES:
+        problems.append(f"init: unknown strategy '{cfg.init}' (known: {', '.join(STRATEGIES)})")
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def run(cfg: GroundConfig) -> Path:
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = RunDir(Path(cfg.output_dir))
+    work = run_dir.start(cfg.resume, cfg)
+    t0 = time.time()
+
+    # setup: data (+ SIDs) on demand, extended model with the chosen starting point
+    ds = ensure_dataset(cfg.data, cfg.sids)
+    model, tokenizer, new = extend_model(cfg.model, ds, cfg.init, cfg.init_options, cfg.tokens_file, cfg.seed)
+    fmt = PromptFormatter(tokenizer)
+    examples = grounding_examples(ds, new, fmt, cfg.ground.templates, cfg.max_length)
+    random.Random(cfg.seed).shuffle(examples)
+    loader = DataLoader(
+        examples, batch_size=cfg.optim.batch_size, shuffle=True, num_workers=cfg.trainer.num_workers,
+        collate_fn=lambda rows: pad_batch(rows, tokenizer.pad_token_id),
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )  # fmt: skip
+    old_rows = model.get_input_embeddings().weight.detach()[: new.start].clone()
+    diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init")
+    module = GroundingModule(model, new, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    max_steps = cfg.trainer.max_steps
+    print(
+        f"[gti.ground] {len(new)} new tokens (ids {new.start}..{new.start + len(new) - 1}), init={cfg.init}\n"
+        f"[gti.ground] {len(examples)} grounding examples x {cfg.trainer.max_epochs} epochs, batch {cfg.optim.batch_size}, "
+        f"max_steps {max_steps}\n[gti.ground] trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)\n"
+        f"[gti.ground] example: {tokenizer.decode(examples[0].input_ids)!r}"
+    )
+
+    # fit
+    trainer = make_trainer(cfg.trainer, work, max_steps)
+    trainer.fit(module, loader, ckpt_path=run_dir.last_checkpoint(cfg.resume))
+    rows_in, rows_out = overlay_rows(model)
+    merge_overlay(model)
+    if cfg.ground.unfreeze_steps > 0:
+        full = GroundingModule(model, new, cfg.ground.unfreeze_lr, cfg.optim.weight_decay, 0, full=True)
+        make_trainer(cfg.trainer, work / "phase2", cfg.ground.unfreeze_steps).fit(full, loader)
+    if cfg.ground.unfreeze_steps == 0 and not torch.equal(model.get_input_embeddings().weight.detach()[: new.start], old_rows):
+        raise RuntimeError("old embedding rows changed during grounding")  # cannot happen: they are frozen
+
+    # evaluate (diagnostics) + save
+    if trainer.is_global_zero:
+        diag = diagnose_rows(model, tokenizer, new, ds, work, "final", before=diag_init)
+        save_hf(model, tokenizer, work / "model")
+        write_metadata(work, run_metadata(
+            "ground", cfg, ds, new, trainable_parameters=trainable, grounding_examples=len(examples),
+            steps=trainer.global_step, wall_time_s=round(time.time() - t0, 1),
+            final_loss=_last_loss(trainer), diagnostics={"init": public(diag_init), "final": public(diag)},
+        ))  # fmt: skip
+        out = run_dir.finish()
+        print(f"[gti.ground] done in {time.time() - t0:.0f}s -> {out}")
+        return out
+    return run_dir.final
+
+
+def _last_loss(trainer) -> float | None:
+    loss = trainer.callback_metrics.get("train/loss")
+    return None if loss is None else float(loss)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gti.cli import guarded
+
+    cfg = guarded(lambda: load_config(GroundConfig, argv))
+    print(to_yaml(cfg))
+    guarded(lambda: run(cfg))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,212 @@
+"""Pieces both stages share: data on demand, an extended + initialised model, the Trainer, run folders."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gti.config import DataConfig, SidsConfig, TrainerConfig, to_dict, to_yaml
+from gti.data import Dataset, dataset_file, item_text, load_dataset
+from gti.errors import ConfigError
+from gti.io import atomic_write_text, file_sha256, write_json
+from gti.vocab import NewTokens, add_tokens, read_tokens_file, resize, set_rows, sid_descriptions, sid_tokens
+
+SCHEMA_VERSION = 1
+PACKAGED = ("ml-100k", "ml-1m")
+
+
+def ensure_dataset(data: DataConfig, sids: SidsConfig) -> Dataset:
+    """Load data/NAME with its SID index; prepare MovieLens and build SIDs on demand (cached)."""
+    if not dataset_file(data.root, data.name, "inter").is_file():
+        if data.name not in PACKAGED:
+            raise ConfigError(
+                f"data.name={data.name}: {dataset_file(data.root, data.name, 'inter')} not found; "
+                f"run `python -m gti.prepare` for it first"
+            )
+        from gti.config import PrepareConfig
+        from gti.prepare import run as prepare
+
+        prepare(PrepareConfig(dataset=data.name, root=data.root))
+    if not dataset_file(data.root, data.name, "index").is_file():
+        from gti.sids import run as build_sids
+
+        sids.data = data
+        build_sids(sids)
+    ds = load_dataset(data.root, data.name, need_index=True)
+    return subset(ds, data.max_users, data.max_items)
+
+
+def subset(ds: Dataset, max_users: int, max_items: int) -> Dataset:
+    """Smaller slices for demos and tests; SIDs and items stay whole so the trie is the real one."""
+    inter = ds.inter
+    if max_items > 0:
+        inter = {u: [i for i in s if i < max_items] for u, s in inter.items()}
+        inter = {u: s for u, s in inter.items() if len(s) >= 3}
+    if max_users > 0:
+        inter = {u: inter[u] for u in sorted(inter)[:max_users]}
+    return Dataset(ds.name, ds.root, inter, ds.items, ds.index)
+
+
+def item_texts(ds: Dataset) -> dict[int, str]:
+    return {i: item_text(meta) for i, meta in ds.items.items()}
+
+
+def extend_model(
+    model_name: str,
+    ds: Dataset,
+    init: str,
+    init_options: dict,
+    tokens_file: str | None,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+):
+    """Base model + tokenizer -> (model, tokenizer, NewTokens) with the new rows initialised by `init`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gti.assets import resolve_model
+    from gti.init_strategies import InitContext, initialize_rows
+
+    path = resolve_model(model_name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    base_tokenizer = AutoTokenizer.from_pretrained(path)  # strategies tokenise with the old vocabulary
+    n_old = model.get_input_embeddings().weight.shape[0]
+    old_input = model.get_input_embeddings().weight.detach().clone()
+    head = model.get_output_embeddings()
+    tied = head is None or head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    old_output = None if tied else head.weight.detach().clone()
+
+    tokens = sid_tokens(ds.index)
+    descriptions = sid_descriptions(ds.index, item_texts(ds), tokens)
+    if tokens_file:
+        extra, extra_desc = read_tokens_file(tokens_file)
+        tokens, descriptions = tokens + extra, descriptions + extra_desc
+    new = add_tokens(tokenizer, tokens, descriptions)
+    resize(model, tokenizer)
+    # strategies read only the rows of the real old vocabulary (spare rows of Qwen-like models excluded)
+    n_real = min(n_old, new.start)
+    ctx = InitContext(
+        old_input=old_input[:n_real],
+        old_output=None if old_output is None else old_output[:n_real],
+        tokenizer=base_tokenizer,
+        model=model,
+        new_tokens=new.tokens,
+        descriptions=new.descriptions,
+        dictionary=dict(init_options.get("dictionary", {})),
+        options=dict(init_options),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    input_rows, output_rows = initialize_rows(init, ctx)
+    set_rows(model, new, input_rows, output_rows)
+    return model, tokenizer, new
+
+
+def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: list | None = None, **kw):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    strategy = t.strategy
+    if strategy == "auto" and t.devices > 1:
+        strategy = "ddp"  # multi-GPU is one line (style.md §11)
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=kw.pop("ckpt_every", 0) or None)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=strategy,
+        precision=t.precision,
+        max_epochs=t.max_epochs if max_steps < 0 else None,
+        max_steps=max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val or None,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=CSVLogger(run_dir, name="logs", version=""),
+        callbacks=[ckpt, *(callbacks or [])],
+        default_root_dir=run_dir,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
+    )
+
+
+def versions() -> dict:
+    import lightning
+    import transformers
+
+    return {
+        "gti": __import__("gti").__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def run_metadata(stage: str, cfg, ds: Dataset, new: NewTokens, **extra) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "stage": stage,
+        "base_model": cfg.model,
+        "dataset": {"name": ds.name, "root": str(ds.root), "inter_sha256": file_sha256(ds.path("inter"))},
+        "sid_index": {"path": str(ds.path("index")), "sha256": file_sha256(ds.path("index"))},
+        "new_tokens": {"start": new.start, "count": len(new), "tokens": new.tokens},
+        "init": cfg.init,
+        "seed": cfg.seed,
+        "versions": versions(),
+        "config": to_dict(cfg),
+        **extra,
+    }
+
+
+@dataclass
+class RunDir:
+    """A run is built in `<out>.partial/` and renamed to `<out>/` once complete.
+
+    A killed run therefore never leaves a folder that looks finished, and `resume=auto` finds its
+    checkpoints in the `.partial` folder.
+    """
+
+    final: Path
+
+    @property
+    def work(self) -> Path:
+        return self.final.with_name(self.final.name + ".partial")
+
+    def start(self, resume: str, cfg) -> Path:
+        if resume not in ("never", "auto"):
+            raise ConfigError(f"resume must be 'never' or 'auto', got {resume!r}")
+        if resume == "never" and self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.work / "config.yaml", to_yaml(cfg))
+        return self.work
+
+    def last_checkpoint(self, resume: str) -> str | None:
+        last = self.work / "checkpoints" / "last.ckpt"
+        return str(last) if resume == "auto" and last.is_file() else None
+
+    def finish(self) -> Path:
+        if self.final.exists():
+            old = self.final.with_name(self.final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.final, old)
+            shutil.rmtree(old)
+        shutil.rmtree(self.work / "checkpoints", ignore_errors=True)  # big; the model/ folder is the result
+        os.replace(self.work, self.final)
+        return self.final
+
+
+def save_hf(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def write_metadata(folder: Path, meta: dict) -> None:
+    write_json(folder / "gti.json", meta)
