@@ -108,8 +108,8 @@ class GroundConfig:
     init: str = "mean"  # starting point for grounding: zero | random | mean | mean_cov | subword | description | ...
     init_options: dict[str, Any] = field(default_factory=dict)
     ground: GroundStageConfig = field(default_factory=GroundStageConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=10))
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=120))  # CPU demo scale
     max_length: int = 64
     output_dir: str = "runs/ground"
     seed: int = 0

@@ -1,0 +1,81 @@
+"""ground -> finetune -> test on a tiny random Llama with the real tokenizer (CPU, seconds)."""
+
+import json
+
+import pytest
+import torch
+from fixtures import write_toy_dataset
+
+from gti.config import DataConfig, EvalConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig
+
+
+def tiny_trainer(steps):
+    return TrainerConfig(max_steps=steps, accelerator="cpu", log_every_n_steps=1)
+
+
+@pytest.fixture()
+def ground_run(tmp_path, tiny_model_dir):
+    from gti.ground import run
+
+    write_toy_dataset(tmp_path / "data")
+    cfg = GroundConfig(
+        model=tiny_model_dir,
+        data=DataConfig(name="toy", root=str(tmp_path / "data")),
+        optim=OptimConfig(lr=1e-2, batch_size=8),
+        trainer=tiny_trainer(6),
+        output_dir=str(tmp_path / "ground"),
+    )
+    return run(cfg), cfg
+
+
+def test_ground_then_finetune(tmp_path, ground_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gti.finetune import run as finetune
+
+    out, gcfg = ground_run
+    assert (out / "model" / "config.json").is_file() and not out.with_name("ground.partial").exists()
+    meta = json.loads((out / "gti.json").read_text())
+    assert meta["stage"] == "ground" and meta["new_tokens"]["count"] == 4 + 3 + 2
+    assert meta["steps"] == 6 and meta["final_loss"] is not None
+    for f in ("diagnostics_init.json", "diagnostics_final.json", "spectrum_final.png", "cosine_final.png", "config.yaml"):
+        assert (out / f).is_file(), f
+    # reloads with plain transformers; the new rows moved away from the mean init, the old ones did not
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(gcfg.model)
+    start = meta["new_tokens"]["start"]
+    assert tok.convert_tokens_to_ids("<a_0>") >= start
+    w, w0 = model.get_input_embeddings().weight, base.get_input_embeddings().weight
+    assert torch.equal(w[:start], w0[:start])
+    new = w[start:]
+    assert not torch.allclose(new, new.mean(0, keepdim=True).expand_as(new), atol=1e-4)
+
+    cfg = FinetuneConfig(
+        init_from=str(out),
+        optim=OptimConfig(lr=1e-3, batch_size=8),
+        trainer=tiny_trainer(4),
+        eval=EvalConfig(num_beams=5, ks=[1, 5, 10], batch_size=4),
+        output_dir=str(tmp_path / "ft"),
+    )
+    ft = finetune(cfg)
+    metrics = json.loads((ft / "metrics.json").read_text())
+    assert metrics["test"]["count"] == 9  # every test user once
+    for split in ("valid", "test"):
+        for k in (1, 5, 10):
+            assert 0.0 <= metrics[split][f"recall@{k}"] <= 1.0
+    assert set(metrics["baselines"]["test"]) == {"popularity", "random"}
+    preds = [json.loads(line) for line in (ft / "predictions.jsonl").read_text().splitlines()]
+    assert sorted(p["index"] for p in preds) == list(range(9))
+    valid_items = set(range(12))
+    assert all(set(p["items"]) <= valid_items and len(p["items"]) == len(set(p["items"])) for p in preds)
+    assert (ft / "model" / "config.json").is_file()
+
+
+def test_finetune_rejects_folder_that_is_not_stage1(tmp_path):
+    from gti.errors import ConfigError
+    from gti.finetune import run as finetune
+
+    (tmp_path / "x").mkdir()
+    with pytest.raises(ConfigError, match="not a gti.ground output folder"):
+        finetune(FinetuneConfig(init_from=str(tmp_path / "x")))

@@ -1,0 +1,51 @@
+import pytest
+
+from gti.templates import GROUNDING_TEMPLATES, REC_TEMPLATES, PromptFormatter, pad_batch, render
+from gti.vocab import add_tokens
+
+FIELDS = {"title": "Toy Story (1995)", "description": "Animation, Comedy", "sid": "<a_1><b_0>", "history": "<a_0><b_1>"}
+
+
+@pytest.mark.parametrize("name", list(GROUNDING_TEMPLATES))
+def test_each_grounding_template_renders_and_masks_the_prompt(tokenizer, name):
+    add_tokens(tokenizer, ["<a_0>", "<a_1>", "<b_0>", "<b_1>"], [["x"]] * 4)
+    fmt = PromptFormatter(tokenizer)
+    prompt, response = render(GROUNDING_TEMPLATES[name], **FIELDS)
+    assert "{" not in prompt + response
+    enc = fmt.encode(prompt, response, max_length=128)
+    n_prompt = sum(1 for x in enc.labels if x == -100)
+    assert enc.labels[:n_prompt] == [-100] * n_prompt  # loss mask covers only the response
+    supervised = [t for t in enc.labels if t != -100]
+    assert supervised == enc.input_ids[n_prompt:]
+    assert tokenizer.decode(supervised) == response + tokenizer.eos_token
+    assert tokenizer.decode(enc.input_ids[:n_prompt]).endswith("<|im_start|>assistant\n")
+    # the space before an SID is absorbed by the lstrip AddedToken, so decoding drops it
+    assert prompt.replace(" <", "<") in tokenizer.decode(enc.input_ids[:n_prompt])
+
+
+@pytest.mark.parametrize("template", REC_TEMPLATES)
+def test_rec_templates_render(template):
+    prompt, response = render(template, **FIELDS)
+    assert FIELDS["history"] in prompt and response == FIELDS["sid"]
+
+
+def test_plain_format_without_chat_template(tokenizer):
+    fmt = PromptFormatter(tokenizer, use_chat_template=False)
+    enc = fmt.encode("Q?", "A", 32)
+    assert tokenizer.decode(enc.input_ids).startswith("Q?\nAnswer:")
+
+
+def test_truncation_keeps_response(tokenizer):
+    fmt = PromptFormatter(tokenizer)
+    enc = fmt.encode("word " * 200, "the answer", 24)
+    assert len(enc.input_ids) == 24
+    assert tokenizer.decode([t for t in enc.labels if t != -100]) == "the answer" + tokenizer.eos_token
+
+
+def test_pad_batch_left_and_right(tokenizer):
+    fmt = PromptFormatter(tokenizer)
+    rows = [fmt.encode("a", "b", 64), fmt.encode("a longer prompt here", "b", 64)]
+    right = pad_batch(rows, 0)
+    left = pad_batch(rows, 0, left=True)
+    assert right["attention_mask"][0, 0] == 1 and left["attention_mask"][0, -1] == 1
+    assert left["attention_mask"][0, 0] == 0 and (right["labels"][0, right["attention_mask"][0] == 0] == -100).all()
