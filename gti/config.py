@@ -43,6 +43,7 @@ class TrainerConfig:
     log_every_n_steps: int = 5
     val_check_interval: float = 1.0
     num_workers: int = 0
+    checkpoint_every: int = 0  # >0: also write checkpoints/last.ckpt every N steps (resume=auto continues)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class SidsConfig:
     codes: int = 32  # codes per level (paper: 4 x 256; small catalogues want fewer)
     seed: int = 0
     kmeans_iters: int = 50
+    kmeans_balanced: bool = True  # Sinkhorn-balanced cluster sizes (fewer SID collisions); false: plain Lloyd
     embed_batch_size: int = 64  # texts per encoder batch
     embed_max_length: int = 128  # encoder=backbone: tokens kept per item text
     rqvae_code_dim: int = 32

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -24,8 +25,8 @@ from gti.diagnose import diagnose_rows, public
 from gti.errors import ConfigError
 from gti.io import file_sha256, write_json, write_jsonl
 from gti.metrics import RankingMetrics, popularity_ranking, random_ranking, rank_of
-from gti.setup import RunDir, ensure_dataset, extend_model, make_trainer, run_metadata, save_hf, write_metadata
-from gti.templates import REC_TEMPLATES, PromptFormatter, pad_batch, render, sid_string
+from gti.setup import EpochShuffleSampler, RunDir, adamw_with_warmup, ensure_dataset, extend_model, make_trainer, run_metadata, save_hf, write_metadata
+from gti.templates import REC_TEMPLATES, Encoded, PromptFormatter, pad_batch, render, sid_string
 from gti.trie import SidTrie, beams_to_items, constrained_beam_search
 from gti.vocab import NewTokens
 
@@ -71,11 +72,8 @@ class RecommenderModule(L.LightningModule):
             self.predictions.append({"index": i, "user": u, "target": t, "rank": r, "items": its[:k]})
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.cfg.optim.lr, weight_decay=self.cfg.optim.weight_decay)
-        warm = self.cfg.optim.warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        o = self.cfg.optim
+        return adamw_with_warmup(self.model.parameters(), o.lr, o.weight_decay, o.warmup_steps)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -95,21 +93,23 @@ def train_rows(ds: Dataset, train: list[Example], fmt: PromptFormatter, cfg: Fin
     return rows
 
 
-def eval_collate(tokenizer, fmt: PromptFormatter, ds: Dataset, template: int):
-    def collate(examples: list[Example]) -> dict:
-        from gti.templates import Encoded
+class EvalCollate:
+    """Prompt-only batches, left padded for generation, carrying each example's global index."""
 
-        enc = [Encoded(fmt.prompt_ids(rec_prompt(ds, ex, template)[0]), []) for ex in examples]
-        for e in enc:
-            e.labels = [-100] * len(e.input_ids)
-        batch = pad_batch(enc, tokenizer.pad_token_id, left=True)  # left padding for generation
+    def __init__(self, fmt: PromptFormatter, ds: Dataset, template: int):
+        self.fmt, self.ds, self.template = fmt, ds, template
+
+    def __call__(self, examples: list[Example]) -> dict:
+        enc = []
+        for ex in examples:
+            ids = self.fmt.prompt_ids(rec_prompt(self.ds, ex, self.template)[0])
+            enc.append(Encoded(ids, [-100] * len(ids)))
+        batch = pad_batch(enc, self.fmt.tok.pad_token_id, left=True)
         batch.pop("labels")
         batch["index"] = torch.tensor([ex.index for ex in examples])
         batch["target"] = torch.tensor([ex.target for ex in examples])
         batch["user"] = torch.tensor([ex.user for ex in examples])
         return batch
-
-    return collate
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -193,9 +193,11 @@ def run(cfg: FinetuneConfig) -> Path:
     rows = train_rows(ds, splits["train"], fmt, cfg, new)
     items = sorted(ds.index)
     trie = SidTrie([tokenizer.convert_tokens_to_ids(ds.index[i]) for i in items], tokenizer.eos_token_id)
-    collate = eval_collate(tokenizer, fmt, ds, cfg.templates[0])
-    g = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(rows, batch_size=cfg.optim.batch_size, shuffle=True, generator=g, num_workers=cfg.trainer.num_workers, collate_fn=lambda r: pad_batch(r, tokenizer.pad_token_id))
+    collate = EvalCollate(fmt, ds, cfg.templates[0])
+    train_loader = DataLoader(
+        rows, batch_size=cfg.optim.batch_size, sampler=EpochShuffleSampler(len(rows), cfg.seed),
+        num_workers=cfg.trainer.num_workers, collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id),
+    )  # fmt: skip
     val_loader = DataLoader(valid, batch_size=cfg.eval.batch_size, collate_fn=collate)
     test_loader = DataLoader(test, batch_size=cfg.eval.batch_size, collate_fn=collate)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +21,7 @@ from gti.config import GroundConfig, load_config, to_yaml
 from gti.data import Dataset
 from gti.diagnose import diagnose_rows, public
 from gti.overlay import install_overlay, merge_overlay, overlay_rows
-from gti.setup import RunDir, ensure_dataset, extend_model, make_trainer, run_metadata, save_hf, write_metadata
+from gti.setup import EpochShuffleSampler, RunDir, adamw_with_warmup, global_rank, ensure_dataset, extend_model, make_trainer, run_metadata, save_hf, write_metadata
 from gti.templates import GROUNDING_TEMPLATES, Encoded, PromptFormatter, pad_batch, render, sid_string
 from gti.vocab import NewTokens
 
@@ -52,11 +53,7 @@ class GroundingModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        warm = max(self.warmup_steps, 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_warmup(self.parameters(), self.lr, self.weight_decay, self.warmup_steps)
 
     def on_save_checkpoint(self, checkpoint):
         # frozen weights are the base model's: keep checkpoints |V_new| x d, not the whole LM
@@ -114,12 +111,11 @@ def run(cfg: GroundConfig) -> Path:
     examples = grounding_examples(ds, new, fmt, cfg.ground.templates, cfg.max_length)
     random.Random(cfg.seed).shuffle(examples)
     loader = DataLoader(
-        examples, batch_size=cfg.optim.batch_size, shuffle=True, num_workers=cfg.trainer.num_workers,
-        collate_fn=lambda rows: pad_batch(rows, tokenizer.pad_token_id),
-        generator=torch.Generator().manual_seed(cfg.seed),
+        examples, batch_size=cfg.optim.batch_size, sampler=EpochShuffleSampler(len(examples), cfg.seed),
+        num_workers=cfg.trainer.num_workers, collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id),
     )  # fmt: skip
     old_rows = model.get_input_embeddings().weight.detach()[: new.start].clone()
-    diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init")
+    diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init") if global_rank() == 0 else {}
     module = GroundingModule(model, new, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())

@@ -13,7 +13,11 @@ from gti.config import PrepareConfig, load_config
 from gti.data import build_sequences, dataset_file, write_dataset
 from gti.errors import ConfigError
 from gti.importers import Raw
+from gti.importers.amazon import read_amazon2014, read_amazon2018, read_amazon2023
+from gti.importers.lcrec import import_lcrec, read_lcrec
+from gti.importers.minionerec import read_minionerec
 from gti.importers.movielens import read_atomic, read_movielens
+from gti.importers.p5 import read_p5
 from gti.io import write_json
 
 # dataset name -> reader of raw files (an importer per format of the field, design.md §3)
@@ -21,6 +25,12 @@ IMPORTERS: dict[str, Callable[[PrepareConfig], Raw]] = {
     "ml-100k": lambda cfg: read_movielens("ml-100k", cfg.source),
     "ml-1m": lambda cfg: read_movielens("ml-1m", cfg.source),
     "recbole": lambda cfg: read_atomic(_required_source(cfg)),
+    "amazon2014": read_amazon2014,
+    "amazon2018": read_amazon2018,
+    "amazon2023": read_amazon2023,
+    "p5": read_p5,
+    "minionerec": read_minionerec,
+    "lcrec": read_lcrec,  # `run` copies these native files as they are (see below)
 }
 
 
@@ -35,7 +45,7 @@ def output_name(cfg: PrepareConfig) -> str:
         return cfg.name
     if cfg.category:
         return f"{cfg.dataset}-{cfg.category}"
-    if cfg.dataset == "recbole" and cfg.source:
+    if cfg.dataset in ("recbole", "lcrec") and cfg.source:
         return Path(cfg.source).name
     return cfg.dataset
 
@@ -47,6 +57,8 @@ def run(cfg: PrepareConfig) -> Path:
     if dataset_file(cfg.root, name, "inter").is_file() and not cfg.overwrite:
         print(f"[gti.prepare] {Path(cfg.root) / name} exists (overwrite=true to rebuild)")
         return Path(cfg.root) / name
+    if cfg.dataset == "lcrec":  # already native: validated and copied as-is (no k-core, ids kept)
+        return import_lcrec(cfg, name)
     raw = IMPORTERS[cfg.dataset](cfg)
     inter, items, stats = build_sequences(raw.interactions, raw.items, kcore=cfg.kcore)
     out = write_dataset(cfg.root, name, inter, items)

@@ -107,6 +107,14 @@ def extend_model(
     return model, tokenizer, new
 
 
+def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int) -> dict:
+    """AdamW + linear warm-up, in Lightning's `configure_optimizers` format (stepped per batch)."""
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    warm = max(warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: list | None = None, **kw):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -115,7 +123,7 @@ def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: lis
     strategy = t.strategy
     if strategy == "auto" and t.devices > 1:
         strategy = "ddp"  # multi-GPU is one line (style.md §11)
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=kw.pop("ckpt_every", 0) or None)
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=t.checkpoint_every or None)
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -149,6 +157,15 @@ def versions() -> dict:
     }
 
 
+def peak_memory_mb() -> dict:
+    import resource
+
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
 def run_metadata(stage: str, cfg, ds: Dataset, new: NewTokens, **extra) -> dict:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -161,8 +178,36 @@ def run_metadata(stage: str, cfg, ds: Dataset, new: NewTokens, **extra) -> dict:
         "seed": cfg.seed,
         "versions": versions(),
         "config": to_dict(cfg),
+        "cost": peak_memory_mb(),
         **extra,
     }
+
+
+def global_rank() -> int:
+    """Rank before the Trainer exists: Lightning's DDP launcher sets these for the processes it starts."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A shuffle that depends only on (seed, epoch): a resumed run sees the same order as an
+    uninterrupted one (a DataLoader generator would restart from the seed). Lightning calls
+    `set_epoch`, and wraps it for DDP."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 @dataclass
@@ -182,6 +227,8 @@ class RunDir:
     def start(self, resume: str, cfg) -> Path:
         if resume not in ("never", "auto"):
             raise ConfigError(f"resume must be 'never' or 'auto', got {resume!r}")
+        if global_rank() != 0:  # rank 0 owns the folder; other DDP ranks only read it
+            return self.work
         if resume == "never" and self.work.exists():
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,216 @@
+"""`python -m gti.benchmark [config.yaml] [key=value ...]` — GTI vs every init baseline, over seeds.
+
+Each cell (method x seed) runs stage 1 (when the method grounds) and stage 2 in subprocesses
+through the same `gti.ground` / `gti.finetune` code, from a YAML written into the cell folder.
+Finished cells are skipped, so an interrupted benchmark resumes by running the command again.
+The report folder gets results.md, results.json and plots (spectra, cosine maps, metric bars).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from gti.config import FinetuneConfig, GroundConfig, load_config
+from gti.errors import ConfigError
+from gti.io import atomic_write_text, write_json
+
+# method -> (stage-1 init or None for no grounding, stage-2 init, multitask)
+METHODS: dict[str, tuple[str | None, str, bool]] = {
+    "random": (None, "random", False),
+    "mean": (None, "mean", False),
+    "description": (None, "description", False),
+    "topk": (None, "topk", False),
+    "gti-mean": ("mean", "mean", False),  # the paper
+    "gti-description": ("description", "description", False),  # ours: GTI warm-started from descriptions
+    "multitask-mean": (None, "mean", True),  # LC-Rec-style multi-task SFT
+}
+
+
+@dataclass
+class BenchmarkConfig:
+    scale: str = "cpu"  # a label written into the report
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    single_seed: list[str] = field(default_factory=lambda: ["random", "description", "topk", "multitask-mean"])
+    ground: GroundConfig = field(default_factory=GroundConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    output_dir: str = "runs/benchmark"
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+
+
+def cells(cfg: BenchmarkConfig) -> list[tuple[str, int]]:
+    return [(m, s) for m in cfg.methods for s in (cfg.seeds[:1] if m in cfg.single_seed else cfg.seeds)]
+
+
+def _stage(module: str, conf, path: Path) -> float:
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(conf)))
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", module, str(path)])
+    if r.returncode != 0:
+        raise RuntimeError(f"{module} failed for {path} (exit {r.returncode}); rerun the benchmark to resume")
+    return time.time() - t
+
+
+def run_cell(cfg: BenchmarkConfig, method: str, seed: int) -> Path:
+    ground_init, ft_init, multitask = METHODS[method]
+    cell = Path(cfg.output_dir) / method / f"seed{seed}"
+    ft_dir = cell / "finetune"
+    if (ft_dir / "metrics.json").is_file():
+        print(f"[gti.benchmark] {method} seed {seed}: done, skipped")
+        return cell
+    cell.mkdir(parents=True, exist_ok=True)
+    ft = copy.deepcopy(cfg.finetune)
+    ft.seed, ft.init, ft.multitask, ft.output_dir = seed, ft_init, multitask, str(ft_dir)
+    if ground_init is not None:
+        g = copy.deepcopy(cfg.ground)
+        g.seed, g.init, g.output_dir = seed, ground_init, str(cell / "ground")
+        if not (cell / "ground" / "gti.json").is_file():
+            print(f"[gti.benchmark] {method} seed {seed}: grounding")
+            _stage("gti.ground", g, cell / "ground.yaml")
+        ft.init_from = str(cell / "ground")
+    print(f"[gti.benchmark] {method} seed {seed}: fine-tuning")
+    _stage("gti.finetune", ft, cell / "finetune.yaml")
+    return cell
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
+
+
+def collect(cfg: BenchmarkConfig) -> dict:
+    out: dict = {"scale": cfg.scale, "methods": {}}
+    for method in cfg.methods:
+        runs = []
+        for m, seed in cells(cfg):
+            if m != method:
+                continue
+            cell = Path(cfg.output_dir) / method / f"seed{seed}"
+            ft = json.loads((cell / "finetune" / "gti.json").read_text())
+            g = json.loads((cell / "ground" / "gti.json").read_text()) if (cell / "ground" / "gti.json").is_file() else None
+            runs.append({"seed": seed, "test": ft["metrics"]["test"], "baselines": ft["metrics"]["baselines"]["test"],
+                         "cost": {"finetune": {"wall_s": ft["metrics"]["wall_time_s"], **ft["cost"]},
+                                  **({"ground": {"wall_s": g["wall_time_s"], **g["cost"]}} if g else {})},
+                         "diagnostics": {**({"init": g["diagnostics"]["init"], "grounded": g["diagnostics"]["final"]} if g else {}),
+                                         "finetuned": ft["diagnostics"]}})  # fmt: skip
+        metrics = {}
+        for key in runs[0]["test"]:
+            if "@" in key:
+                metrics[key] = _mean_std([r["test"][key] for r in runs])
+        out["methods"][method] = {"seeds": [r["seed"] for r in runs], "metrics": metrics, "runs": runs}
+    first = next(iter(out["methods"].values()))["runs"][0]
+    out["popularity"] = first["baselines"]["popularity"]
+    out["random_list"] = first["baselines"]["random"]
+    return out
+
+
+def results_markdown(res: dict, ks: list[int]) -> str:
+    cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
+    base = res["methods"].get("mean", {}).get("metrics", {})
+    lines = [
+        f"# gti benchmark ({res['scale']} scale)",
+        "",
+        "Test split, mean ± std over seeds; Δ = relative change of mean over `mean` init.",
+        "",
+        "| method | seeds | " + " | ".join(cols) + " | Δ recall@10 |",
+        "|---|---|" + "---|" * len(cols) + "---|",
+    ]
+    for name, m in res["methods"].items():
+        cells_ = [f"{m['metrics'][c][0]:.4f} ± {m['metrics'][c][1]:.4f}" if c in m["metrics"] else "–" for c in cols]
+        r10, b10 = m["metrics"].get("recall@10", (0, 0))[0], base.get("recall@10", (0, 0))[0]
+        delta = f"{100 * (r10 - b10) / b10:+.1f}%" if b10 else "–"
+        lines.append(f"| {name} | {len(m['seeds'])} | " + " | ".join(cells_) + f" | {delta} |")
+    for label, key in (("popularity", "popularity"), ("random items", "random_list")):
+        lines.append(f"| *{label}* | – | " + " | ".join(f"{res[key].get(c, 0):.4f}" for c in cols) + " | |")
+    lines += ["", "## Diagnostics of the new-token rows (seed of the first run)", "",
+              "| method | stage | effective rank | mean cosine | RSA (Spearman) |", "|---|---|---|---|---|"]  # fmt: skip
+    for name, m in res["methods"].items():
+        for stage, d in m["runs"][0]["diagnostics"].items():
+            rsa = d.get("rsa", {}).get("spearman")
+            lines.append(f"| {name} | {stage} | {d.get('effective_rank', float('nan')):.1f} | {d.get('mean_cosine', float('nan')):.3f} | "
+                         + (f"{rsa:.3f}" if rsa is not None else "–") + " |")  # fmt: skip
+    lines += ["", "## Cost per run (first seed)", "", "| method | stage | wall (s) | peak RSS (MB) |", "|---|---|---|---|"]
+    for name, m in res["methods"].items():
+        for stage, c in m["runs"][0]["cost"].items():
+            lines.append(f"| {name} | {stage} | {c['wall_s']:.0f} | {c['peak_rss_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(cfg: BenchmarkConfig, res: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gti.diagnostics import plot_cosine_maps, plot_spectrum
+
+    rows = {}
+    for name in res["methods"]:
+        cell = Path(cfg.output_dir) / name / f"seed{res['methods'][name]['seeds'][0]}" / "finetune"
+        rows[name] = new_rows_from_run(cell)
+    plot_spectrum(rows, out / "spectra.png")
+    plot_cosine_maps(rows, out / "cosine_maps.png")
+    ks = cfg.ks
+    fig, ax = plt.subplots(figsize=(2 + 1.5 * len(res["methods"]), 4))
+    width = 0.8 / len(ks)
+    for j, k in enumerate(ks):
+        means = [m["metrics"][f"recall@{k}"][0] for m in res["methods"].values()]
+        stds = [m["metrics"][f"recall@{k}"][1] for m in res["methods"].values()]
+        ax.bar([i + j * width for i in range(len(means))], means, width, yerr=stds, capsize=3, label=f"recall@{k}")
+        ax.axhline(res["popularity"][f"recall@{k}"], color=f"C{j}", ls="--", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(res["methods"]))], list(res["methods"]), rotation=20)
+    ax.set_ylabel("test recall (dashed: popularity)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "metrics.png", dpi=120)
+    plt.close(fig)
+
+
+def new_rows_from_run(run: Path):
+    import torch
+    from safetensors import safe_open
+
+    meta = json.loads((run / "gti.json").read_text())
+    start, n = meta["new_tokens"]["start"], meta["new_tokens"]["count"]
+    with safe_open(str(next((run / "model").glob("*.safetensors"))), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
+        return f.get_slice(key)[start : start + n].to(torch.float32)
+
+
+def run(cfg: BenchmarkConfig) -> Path:
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    todo = cells(cfg)
+    print(f"[gti.benchmark] {len(todo)} cells: " + ", ".join(f"{m}/s{s}" for m, s in todo))
+    for method, seed in todo:
+        run_cell(cfg, method, seed)
+    res = collect(cfg)
+    out = Path(cfg.output_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", res)
+    atomic_write_text(out / "results.md", results_markdown(res, cfg.ks))
+    plots(cfg, res, out)
+    print(results_markdown(res, cfg.ks))
+    print(f"[gti.benchmark] report -> {out}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gti.cli import guarded
+
+    cfg = guarded(lambda: load_config(BenchmarkConfig, argv))
+    guarded(lambda: run(cfg))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
