@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -58,9 +58,9 @@ class OptimConfig:
 @dataclass
 class PrepareConfig:
     dataset: str = "ml-100k"  # ml-100k | ml-1m | recbole | amazon2014 | amazon2018 | amazon2023 | p5 | minionerec | lcrec
-    source: Optional[str] = None  # folder/file with the raw files; None -> packaged copy (MovieLens)
-    category: Optional[str] = None  # Amazon category, e.g. Beauty
-    name: Optional[str] = None  # output dataset name; None -> derived from dataset/category
+    source: str | None = None  # folder/file with the raw files; None -> packaged copy (MovieLens)
+    category: str | None = None  # Amazon category, e.g. Beauty
+    name: str | None = None  # output dataset name; None -> derived from dataset/category
     root: str = "data"
     kcore: int = 5
     overwrite: bool = False
@@ -87,7 +87,7 @@ class SidsConfig:
     rqvae_beta: float = 0.25  # commitment weight
     rqvae_balance: float = 0.1  # balanced-usage regulariser weight
     rqvae_accelerator: str = "cpu"  # cpu | gpu | auto (the RQ-VAE is small: CPU is the default)
-    import_index: Optional[str] = None  # an existing NAME.index.json to validate / repair
+    import_index: str | None = None  # an existing NAME.index.json to validate / repair
     repair: bool = True  # imported index with collisions: append the dedup level (else error)
     force: bool = False  # rebuild even when inputs are unchanged
 
@@ -106,7 +106,7 @@ class GroundConfig:
     model: str = "smollm2-135m"
     data: DataConfig = field(default_factory=DataConfig)
     sids: SidsConfig = field(default_factory=SidsConfig)
-    tokens_file: Optional[str] = None  # tokens.jsonl of {"token", "description"} to add and ground
+    tokens_file: str | None = None  # tokens.jsonl of {"token", "description"} to add and ground
     init: str = "mean"  # starting point for grounding: zero | random | mean | mean_cov | subword | description | ...
     init_options: dict[str, Any] = field(default_factory=dict)
     ground: GroundStageConfig = field(default_factory=GroundStageConfig)
@@ -137,7 +137,7 @@ class LoraConfig:
 
 @dataclass
 class FinetuneConfig:
-    init_from: Optional[str] = None  # a gti.ground run folder; None -> extend `model` with `init`
+    init_from: str | None = None  # a gti.ground run folder; None -> extend `model` with `init`
     model: str = "smollm2-135m"
     data: DataConfig = field(default_factory=DataConfig)
     sids: SidsConfig = field(default_factory=SidsConfig)
