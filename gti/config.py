@@ -111,7 +111,7 @@ class GroundConfig:
     init_options: dict[str, Any] = field(default_factory=dict)
     ground: GroundStageConfig = field(default_factory=GroundStageConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=10))
-    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=120))  # CPU demo scale
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=100))  # CPU demo scale
     max_length: int = 64
     output_dir: str = "runs/ground"
     seed: int = 0
@@ -145,6 +145,7 @@ class FinetuneConfig:
     init_options: dict[str, Any] = field(default_factory=dict)
     templates: list[int] = field(default_factory=lambda: [0, 1, 2])  # the paper's three rec templates
     multitask: bool = False  # mix in the text<->SID grounding tasks (LC-Rec multi-task baseline)
+    train_per_user: int = 0  # >0: keep only each user's last N training prefixes (CPU-scale runs)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.01, batch_size=8))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -25,7 +25,17 @@ from gti.diagnose import diagnose_rows, public
 from gti.errors import ConfigError
 from gti.io import file_sha256, write_json, write_jsonl
 from gti.metrics import RankingMetrics, popularity_ranking, random_ranking, rank_of
-from gti.setup import EpochShuffleSampler, RunDir, adamw_with_warmup, ensure_dataset, extend_model, make_trainer, run_metadata, save_hf, write_metadata
+from gti.setup import (
+    EpochShuffleSampler,
+    RunDir,
+    adamw_with_warmup,
+    ensure_dataset,
+    extend_model,
+    make_trainer,
+    run_metadata,
+    save_hf,
+    write_metadata,
+)
 from gti.templates import REC_TEMPLATES, Encoded, PromptFormatter, pad_batch, render, sid_string
 from gti.trie import SidTrie, beams_to_items, constrained_beam_search
 from gti.vocab import NewTokens
@@ -190,7 +200,13 @@ def run(cfg: FinetuneConfig) -> Path:
     if cfg.eval.max_users > 0:
         valid, test = valid[: cfg.eval.max_users], test[: cfg.eval.max_users]
     fmt = PromptFormatter(tokenizer)
-    rows = train_rows(ds, splits["train"], fmt, cfg, new)
+    train = splits["train"]
+    if cfg.train_per_user > 0:  # prefixes are stored user by user in time order: keep each user's last N
+        last: dict[int, list[Example]] = {}
+        for ex in train:
+            last.setdefault(ex.user, []).append(ex)
+        train = [ex for exs in last.values() for ex in exs[-cfg.train_per_user :]]
+    rows = train_rows(ds, train, fmt, cfg, new)
     items = sorted(ds.index)
     trie = SidTrie([tokenizer.convert_tokens_to_ids(ds.index[i]) for i in items], tokenizer.eos_token_id)
     collate = EvalCollate(fmt, ds, cfg.templates[0])
@@ -237,8 +253,8 @@ def run(cfg: FinetuneConfig) -> Path:
     save_hf(model, tokenizer, work / "model")
     write_metadata(work, run_metadata("finetune", cfg, ds, new, init_from=cfg.init_from, metrics=metrics, diagnostics=public(diag)))
     out = run_dir.finish()
-    print(f"[gti.finetune] test: " + ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "@" in k))
-    print(f"[gti.finetune] popularity: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["baselines"]["test"]["popularity"].items() if "@" in k))
+    print("[gti.finetune] test: " + ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "@" in k))
+    print("[gti.finetune] popularity: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["baselines"]["test"]["popularity"].items() if "@" in k))
     print(f"[gti.finetune] done in {time.time() - t0:.0f}s -> {out}")
     return out
 
