@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter, defaultdict
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Iterable
+from typing import Any
 
 from gti.errors import DataError
 from gti.io import write_json

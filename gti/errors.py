@@ -15,3 +15,7 @@ class DataError(GtiError, ValueError):
 
 class AssetError(GtiError, FileNotFoundError):
     pass
+
+
+class TrainingError(GtiError, FloatingPointError):
+    """Training diverged (NaN/inf loss); the last good checkpoint stays in the .partial folder."""

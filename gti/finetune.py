@@ -28,7 +28,7 @@ from gti.metrics import RankingMetrics, popularity_ranking, random_ranking, rank
 from gti.setup import (
     EpochShuffleSampler,
     RunDir,
-    adamw_with_warmup,
+    adamw_with_warmup, check_loss,
     ensure_dataset,
     extend_model,
     make_trainer,
@@ -51,8 +51,7 @@ class RecommenderModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {self.global_step}")
+        check_loss(loss, self.global_step, self.trainer)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
@@ -71,7 +70,7 @@ class RecommenderModule(L.LightningModule):
 
     def on_validation_epoch_end(self):
         for k, v in self.val_metrics.compute().items():
-            self.log(f"val/{k}", float(v), sync_dist=False, rank_zero_only=True)
+            self.log(f"val/{k}", float(v), sync_dist=True)  # already synced: every rank holds the same value
         self.val_metrics.reset()
 
     def test_step(self, batch, batch_idx):
@@ -120,6 +119,17 @@ class EvalCollate:
         batch["target"] = torch.tensor([ex.target for ex in examples])
         batch["user"] = torch.tensor([ex.user for ex in examples])
         return batch
+
+
+def check_prompt_lengths(ds: Dataset, examples: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig) -> None:
+    """Histories (after max_history) must fit the context: fail clearly instead of cutting prompts."""
+    longest = max(examples, key=lambda ex: len(ex.history))
+    n = len(fmt.prompt_ids(rec_prompt(ds, longest, cfg.templates[0])[0])) + max(len(s) for s in ds.index.values()) + 1
+    if n > cfg.max_length:
+        raise ConfigError(
+            f"max_length={cfg.max_length} is too short: user {longest.user}'s history of {len(longest.history)} items "
+            f"needs {n} tokens; raise max_length or lower data.max_history={cfg.data.max_history}"
+        )
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -174,7 +184,7 @@ def baselines(ds: Dataset, train_inter: dict, examples: list[Example], ks: list[
     pop = popularity_ranking(train_inter, k)
     gen = torch.Generator().manual_seed(seed)
     for name in ("popularity", "random"):
-        m = RankingMetrics(tuple(ks))
+        m = RankingMetrics(tuple(ks), sync_on_compute=False)  # computed on rank 0 only
         ranks = []
         for ex in examples:
             items = pop if name == "popularity" else random_ranking(ds.num_items, k, gen)
@@ -210,6 +220,7 @@ def run(cfg: FinetuneConfig) -> Path:
     items = sorted(ds.index)
     trie = SidTrie([tokenizer.convert_tokens_to_ids(ds.index[i]) for i in items], tokenizer.eos_token_id)
     collate = EvalCollate(fmt, ds, cfg.templates[0])
+    check_prompt_lengths(ds, valid + test, fmt, cfg)
     train_loader = DataLoader(
         rows, batch_size=cfg.optim.batch_size, sampler=EpochShuffleSampler(len(rows), cfg.seed),
         num_workers=cfg.trainer.num_workers, collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id),

@@ -21,7 +21,18 @@ from gti.config import GroundConfig, load_config, to_yaml
 from gti.data import Dataset
 from gti.diagnose import diagnose_rows, public
 from gti.overlay import install_overlay, merge_overlay, overlay_rows
-from gti.setup import EpochShuffleSampler, RunDir, adamw_with_warmup, global_rank, ensure_dataset, extend_model, make_trainer, run_metadata, save_hf, write_metadata
+from gti.setup import (
+    EpochShuffleSampler,
+    RunDir,
+    adamw_with_warmup, check_loss,
+    ensure_dataset,
+    extend_model,
+    global_rank,
+    make_trainer,
+    run_metadata,
+    save_hf,
+    write_metadata,
+)
 from gti.templates import GROUNDING_TEMPLATES, Encoded, PromptFormatter, pad_batch, render, sid_string
 from gti.vocab import NewTokens
 
@@ -47,8 +58,7 @@ class GroundingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite grounding loss at step {self.global_step}")
+        check_loss(loss, self.global_step, self.trainer)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 

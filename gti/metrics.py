@@ -50,8 +50,8 @@ class RankingMetrics(Metric):
         self.ranks.append(ranks.long().to(self.device))
 
     def compute(self) -> dict[str, float | int]:
-        indices = dim_zero_cat(self.indices) if self.indices else torch.empty(0, dtype=torch.long)
-        ranks = dim_zero_cat(self.ranks) if self.ranks else torch.empty(0, dtype=torch.long)
+        # after a DDP sync the list states arrive already concatenated into one tensor
+        indices, ranks = (_cat(s) for s in (self.indices, self.ranks))
         # first occurrence of each example index: min position over the positions sharing that index
         uniq, inverse = torch.unique(indices, return_inverse=True)
         pos = torch.arange(indices.numel(), device=indices.device)
@@ -67,6 +67,12 @@ class RankingMetrics(Metric):
             out[f"ndcg@{k}"] = float((hit_gain * hit).sum() / count) if count else 0.0
         out["count"] = count
         return out
+
+
+def _cat(state) -> torch.Tensor:
+    if isinstance(state, list):
+        return dim_zero_cat(state) if state else torch.empty(0, dtype=torch.long)
+    return state
 
 
 def ndcg_at(rank: int, k: int) -> float:

@@ -6,8 +6,8 @@ Run `python -m gti.prepare configs/prepare.yaml dataset=ml-1m` for MovieLens-1M.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from gti.config import PrepareConfig, load_config
 from gti.data import build_sequences, dataset_file, write_dataset

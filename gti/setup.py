@@ -107,6 +107,14 @@ def extend_model(
     return model, tokenizer, new
 
 
+def check_loss(loss: torch.Tensor, step: int, trainer) -> None:
+    if not torch.isfinite(loss):
+        from gti.errors import TrainingError
+
+        ckpt = Path(trainer.default_root_dir) / "checkpoints"
+        raise TrainingError(f"loss is {loss.item()} at step {step}; stopped. The last good checkpoint is in {ckpt} (resume=auto continues from it)")
+
+
 def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int) -> dict:
     """AdamW + linear warm-up, in Lightning's `configure_optimizers` format (stepped per batch)."""
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
