@@ -125,6 +125,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
     batch_size: int = 16
     max_users: int = 0  # >0: evaluate the first N users only (CPU demos)
+    valid: bool = True  # false: skip the validation split (test only; e.g. benchmark cells)
 
 
 @dataclass

@@ -240,8 +240,8 @@ def run(cfg: FinetuneConfig) -> Path:
     )
 
     trainer = make_trainer(cfg.trainer, work, cfg.trainer.max_steps)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=run_dir.last_checkpoint(cfg.resume))
-    val_result = trainer.validate(module, val_loader, verbose=False)[0]
+    trainer.fit(module, train_loader, val_loader if cfg.eval.valid else None, ckpt_path=run_dir.last_checkpoint(cfg.resume))
+    val_result = trainer.validate(module, val_loader, verbose=False)[0] if cfg.eval.valid else {}
     test_result = trainer.test(module, test_loader, verbose=False)
     preds = gather_predictions(module.predictions)
     test_metrics = {k: float(v) for k, v in module.test_metrics.compute().items()}

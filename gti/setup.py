@@ -33,11 +33,11 @@ def ensure_dataset(data: DataConfig, sids: SidsConfig) -> Dataset:
         from gti.prepare import run as prepare
 
         prepare(PrepareConfig(dataset=data.name, root=data.root))
-    if not dataset_file(data.root, data.name, "index").is_file():
+    if data.name in PACKAGED or not dataset_file(data.root, data.name, "index").is_file():
         from gti.sids import run as build_sids
 
         sids.data = data
-        build_sids(sids)
+        build_sids(sids)  # skipped when texts, encoder and quantiser settings are unchanged
     ds = load_dataset(data.root, data.name, need_index=True)
     return subset(ds, data.max_users, data.max_items)
 

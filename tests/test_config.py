@@ -16,6 +16,10 @@ def schema_for(path: Path):
     for prefix, schema in SCHEMAS.items():
         if path.stem.startswith(prefix):
             return schema
+    if path.stem.startswith("benchmark"):
+        from gti.benchmark import BenchmarkConfig
+
+        return BenchmarkConfig
     from gti.protocol import ProtocolConfig
 
     return ProtocolConfig
