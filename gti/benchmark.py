@@ -95,6 +95,8 @@ def collect(cfg: BenchmarkConfig) -> dict:
             if m != method:
                 continue
             cell = Path(cfg.output_dir) / method / f"seed{seed}"
+            if not (cell / "finetune" / "gti.json").is_file():
+                continue  # not run (yet): the report covers finished cells only
             ft = json.loads((cell / "finetune" / "gti.json").read_text())
             g = json.loads((cell / "ground" / "gti.json").read_text()) if (cell / "ground" / "gti.json").is_file() else None
             runs.append({"seed": seed, "test": ft["metrics"]["test"], "baselines": ft["metrics"]["baselines"]["test"],
@@ -102,6 +104,8 @@ def collect(cfg: BenchmarkConfig) -> dict:
                                   **({"ground": {"wall_s": g["wall_time_s"], **g["cost"]}} if g else {})},
                          "diagnostics": {**({"init": g["diagnostics"]["init"], "grounded": g["diagnostics"]["final"]} if g else {}),
                                          "finetuned": ft["diagnostics"]}})  # fmt: skip
+        if not runs:
+            continue
         metrics = {}
         for key in runs[0]["test"]:
             if "@" in key:
@@ -194,6 +198,11 @@ def run(cfg: BenchmarkConfig) -> Path:
     print(f"[gti.benchmark] {len(todo)} cells: " + ", ".join(f"{m}/s{s}" for m, s in todo))
     for method, seed in todo:
         run_cell(cfg, method, seed)
+    return report(cfg)
+
+
+def report(cfg: BenchmarkConfig) -> Path:
+    """results.md / results.json / plots from the finished cells (also usable mid-benchmark)."""
     res = collect(cfg)
     out = Path(cfg.output_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)

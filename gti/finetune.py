@@ -45,6 +45,7 @@ class RecommenderModule(L.LightningModule):
     def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig):
         super().__init__()
         self.model, self.tokenizer, self.trie, self.cfg = model, tokenizer, trie, cfg
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         ks = tuple(cfg.eval.ks)
         self.val_metrics, self.test_metrics = RankingMetrics(ks), RankingMetrics(ks)
         self.predictions: list[dict] = []

@@ -48,6 +48,7 @@ class GroundingModule(L.LightningModule):
     def __init__(self, model, new: NewTokens, lr: float, weight_decay: float, warmup_steps: int, full: bool = False):
         super().__init__()
         self.model = model
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         self.lr, self.weight_decay, self.warmup_steps, self.full = lr, weight_decay, warmup_steps, full
         if full:  # optional second phase (paper §4.1): everything trains
             for p in model.parameters():
