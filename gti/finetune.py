@@ -28,7 +28,8 @@ from gti.metrics import RankingMetrics, popularity_ranking, random_ranking, rank
 from gti.setup import (
     EpochShuffleSampler,
     RunDir,
-    adamw_with_warmup, check_loss,
+    adamw_with_warmup,
+    check_loss,
     ensure_dataset,
     extend_model,
     make_trainer,

@@ -24,7 +24,8 @@ from gti.overlay import install_overlay, merge_overlay, overlay_rows
 from gti.setup import (
     EpochShuffleSampler,
     RunDir,
-    adamw_with_warmup, check_loss,
+    adamw_with_warmup,
+    check_loss,
     ensure_dataset,
     extend_model,
     global_rank,

@@ -9,8 +9,8 @@ from whichever rows the strategy produced (paper: mean).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm

@@ -62,24 +62,21 @@ def tiny_untied_model(tokenizer):
     return make_tiny_llama(len(tokenizer), tied=False)
 
 
+def _save_tiny(out, smollm2_path, tied: bool) -> str:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    make_tiny_llama(len(tok), tied=tied).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_path):
     """A saved tiny tied Llama + the real tokenizer: loads with plain `from_pretrained`."""
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = AutoTokenizer.from_pretrained(smollm2_path)
-    make_tiny_llama(len(tok), tied=True).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama"), smollm2_path, tied=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_untied_model_dir(tmp_path_factory, smollm2_path):
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("tiny-llama-untied")
-    tok = AutoTokenizer.from_pretrained(smollm2_path)
-    make_tiny_llama(len(tok), tied=False).save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama-untied"), smollm2_path, tied=False)

@@ -79,3 +79,25 @@ def test_finetune_rejects_folder_that_is_not_stage1(tmp_path):
     (tmp_path / "x").mkdir()
     with pytest.raises(ConfigError, match="not a gti.ground output folder"):
         finetune(FinetuneConfig(init_from=str(tmp_path / "x")))
+
+
+def test_ground_untied_model_keeps_old_rows_of_both_matrices(tmp_path, tiny_untied_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from gti.ground import run
+
+    write_toy_dataset(tmp_path / "data")
+    cfg = GroundConfig(
+        model=tiny_untied_model_dir, data=DataConfig(name="toy", root=str(tmp_path / "data")),
+        optim=OptimConfig(lr=1e-2, batch_size=8, weight_decay=0.1), trainer=tiny_trainer(4), output_dir=str(tmp_path / "g"),
+    )  # fmt: skip
+    out = run(cfg)
+    start = json.loads((out / "gti.json").read_text())["new_tokens"]["start"]
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_untied_model_dir)
+    assert not model.config.tie_word_embeddings
+    for get in (lambda m: m.get_input_embeddings().weight, lambda m: m.get_output_embeddings().weight):
+        w, w0 = get(model), get(base)
+        assert torch.equal(w[:start], w0[:start])  # old rows bit-identical, weight decay on
+    inp, head = model.get_input_embeddings().weight[start:], model.get_output_embeddings().weight[start:]
+    assert not torch.equal(inp, head)  # two tables, trained separately

@@ -3,8 +3,8 @@ which `gti.data.build_sequences` turns into the native format (k-core, dedup, id
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Hashable
 
 
 @dataclass
