@@ -3,6 +3,7 @@
 Freeze the whole LM; train only the new token rows with next-token loss on paired text in both
 directions (item text -> SID, SID -> item text). Writes a self-describing run folder:
   model/ (plain HF model + tokenizer)  gti.json  config.yaml  diagnostics*.json + PNGs  logs/
+The config is parsed and checked before torch / lightning are imported, so mistakes fail fast.
 """
 
 from __future__ import annotations
@@ -13,88 +14,12 @@ import time
 from functools import partial
 from pathlib import Path
 
-import lightning as L
-import torch
-from torch.utils.data import DataLoader
-
 from gti.config import GroundConfig, load_config, to_yaml
-from gti.data import Dataset
-from gti.diagnose import diagnose_rows, public
-from gti.overlay import install_overlay, merge_overlay, overlay_rows
-from gti.setup import (
-    EpochShuffleSampler,
-    RunDir,
-    adamw_with_warmup,
-    check_loss,
-    ensure_dataset,
-    extend_model,
-    global_rank,
-    make_trainer,
-    run_metadata,
-    save_hf,
-    write_metadata,
-)
-from gti.templates import GROUNDING_TEMPLATES, Encoded, PromptFormatter, pad_batch, render, sid_string
-from gti.vocab import NewTokens
-
-TOKEN_TEMPLATES = {  # for tokens.jsonl entries (domain words, special tokens, another language)
-    "token2desc": ("What does {token} mean?", "{description}"),
-    "desc2token": ("Which word means: {description}?", "{token}"),
-}
-
-
-class GroundingModule(L.LightningModule):
-    """Only the overlay tables are parameters the optimiser sees; the LM is frozen (design.md §6)."""
-
-    def __init__(self, model, new: NewTokens, lr: float, weight_decay: float, warmup_steps: int, full: bool = False):
-        super().__init__()
-        self.model = model
-        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
-        self.lr, self.weight_decay, self.warmup_steps, self.full = lr, weight_decay, warmup_steps, full
-        if full:  # optional second phase (paper §4.1): everything trains
-            for p in model.parameters():
-                p.requires_grad_(True)
-        else:
-            install_overlay(model, new.start, len(new))
-        self.strict_loading = False  # checkpoints hold only the trainable tensors
-
-    def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
-        check_loss(loss, self.global_step, self.trainer)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
-
-    def configure_optimizers(self):
-        return adamw_with_warmup(self.parameters(), self.lr, self.weight_decay, self.warmup_steps)
-
-    def on_save_checkpoint(self, checkpoint):
-        # frozen weights are the base model's: keep checkpoints |V_new| x d, not the whole LM
-        keep = {n for n, p in self.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-
-
-def grounding_examples(ds: Dataset, new: NewTokens, fmt: PromptFormatter, templates: list[str], max_length: int) -> list[Encoded]:
-    rows: list[Encoded] = []
-    for item in sorted(ds.items):
-        meta = ds.items[item]
-        fields = {
-            "title": str(meta.get("title", "")).strip(),
-            "description": str(meta.get("description", "")).strip() or "(no description)",
-            "sid": sid_string(ds.index[item]),
-        }
-        for name in templates:
-            rows.append(fmt.encode(*render(GROUNDING_TEMPLATES[name], **fields), max_length))
-    sid_set = {t for toks in ds.index.values() for t in toks}
-    for token, descs in zip(new.tokens, new.descriptions):
-        if token in sid_set:
-            continue
-        for template in TOKEN_TEMPLATES.values():
-            rows.append(fmt.encode(*render(template, token=token, description=descs[0]), max_length))
-    return rows
+from gti.errors import ConfigError
 
 
 def validate(cfg: GroundConfig) -> None:
-    from gti.errors import ConfigError
+    from gti.templates import GROUNDING_TEMPLATES
 
     problems = [f"ground.templates: unknown template '{t}' (known: {', '.join(GROUNDING_TEMPLATES)})" for t in cfg.ground.templates if t not in GROUNDING_TEMPLATES]
     if cfg.tokens_file and not Path(cfg.tokens_file).is_file():
@@ -110,6 +35,26 @@ def validate(cfg: GroundConfig) -> None:
 
 
 def run(cfg: GroundConfig) -> Path:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from gti.diagnose import diagnose_rows, public
+    from gti.grounding import GroundingModule, grounding_examples
+    from gti.overlay import merge_overlay, overlay_rows
+    from gti.setup import (
+        EpochShuffleSampler,
+        RunDir,
+        ensure_dataset,
+        extend_model,
+        global_rank,
+        make_trainer,
+        run_metadata,
+        save_hf,
+        write_metadata,
+    )
+    from gti.templates import PromptFormatter, pad_batch
+
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     run_dir = RunDir(Path(cfg.output_dir))

@@ -1,9 +1,22 @@
 """Initialisation strategies for new token rows (design.md §5).
 
-Each strategy is a plain function `(ctx, old_rows) -> new_rows` with old_rows (n_old, d) and
-new_rows (n_new, d). `initialize_rows` applies it to the input matrix and, for an untied head, to
-the output matrix too (same rule, the head's own old rows). GTI grounding (gti.ground) then starts
-from whichever rows the strategy produced (paper: mean).
+Each strategy is a plain function `(ctx, old_rows) -> new_rows`, old_rows (n_old, d) -> (n_new, d).
+`initialize_rows` applies it to the input matrix and, for an untied head, to the output matrix too:
+the same rule on the head's own old rows (`hidden` is the exception, see there). GTI grounding
+(gti.ground) then starts from whichever rows the strategy produced (paper: mean).
+
+Texts are split into old-vocabulary pieces with `ctx.tokenizer(text, add_special_tokens=False)`
+(the ORIGINAL tokenizer, so a description never contains a new token).
+
+Fallback rule: a token whose description list is empty (or holds only blank texts / texts with no
+old-vocabulary piece) starts at `mean`; one warning per strategy names how many and a few examples.
+A `descriptions` list that does not cover every new token is a ConfigError naming the first token
+without one: that is a wiring bug, not missing data.
+
+Options (ctx.options): k (topk, 8), temperature (topk, 0.1), space (topk, "input" | "hidden"),
+layer (hidden / topk-hidden, 2), cov_scale (mean_cov, 1e-5), max_texts (texts per token that go
+through the model, 64), max_text_tokens (pieces per text that go through the model, 256),
+batch_size (model forwards, 32).
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gti.errors import ConfigError
@@ -22,91 +36,138 @@ from gti.errors import ConfigError
 class InitContext:
     old_input: torch.Tensor  # (n_old, d) input-embedding rows of the original vocabulary
     old_output: torch.Tensor | None  # (n_old, d) head rows when untied, else None
-    tokenizer: object  # the ORIGINAL tokenizer: descriptions are split into old-vocabulary pieces
-    model: object | None  # the HF causal LM (hidden / topk-in-hidden-space need it)
+    tokenizer: object  # the ORIGINAL tokenizer: texts are split into old-vocabulary pieces
+    model: object | None  # the HF causal LM (hidden / topk in hidden space need it)
     new_tokens: list[str]
-    descriptions: list[list[str]]  # per new token: texts describing it (items carrying an SID code)
+    descriptions: list[list[str]]  # per new token: its texts (for an SID code: the items carrying it)
     dictionary: dict[str, list[str]] = field(default_factory=dict)  # new token -> existing words
-    options: dict = field(default_factory=dict)  # k, space, layer, max_texts
+    options: dict = field(default_factory=dict)  # see the module docstring
     generator: torch.Generator | None = None
-    _cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)  # shared by the input and output passes
 
 
+# ----------------------------------------------------------------------------------------- helpers
 def _piece_ids(ctx: InitContext, text: str) -> list[int]:
-    ids = ctx.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [i for i in ids if i < ctx.old_input.shape[0]]
+    """Old-vocabulary ids of `text`, cached: an item's text recurs once per SID level."""
+    cache = ctx._cache.setdefault("pieces", {})
+    if text not in cache:
+        ids = ctx.tokenizer(text, add_special_tokens=False)["input_ids"]
+        cache[text] = [int(i) for i in ids if 0 <= int(i) < ctx.old_input.shape[0]]
+    return cache[text]
 
 
 def _mean_of_pieces(old_rows: torch.Tensor, ids: list[int]) -> torch.Tensor | None:
-    return old_rows[ids].mean(0) if ids else None
+    return old_rows[ids].float().mean(0) if ids else None  # (d,)
 
 
 def _texts(ctx: InitContext, i: int) -> list[str]:
-    texts = [t for t in ctx.descriptions[i] if t and t.strip()]
-    cap = int(ctx.options.get("max_texts", 64))  # an SID code can carry thousands of items
-    return texts[:cap]
+    return [t for t in ctx.descriptions[i] if isinstance(t, str) and t.strip()]
+
+
+def _require_descriptions(ctx: InitContext, name: str) -> None:
+    if len(ctx.descriptions) < len(ctx.new_tokens):
+        tok = ctx.new_tokens[len(ctx.descriptions)]
+        raise ConfigError(
+            f"init={name} needs descriptions: new token {tok!r} has none "
+            f"({len(ctx.descriptions)} description lists for {len(ctx.new_tokens)} new tokens)"
+        )
+
+
+def _warn_once(ctx: InitContext, name: str, missing: list[str]) -> None:
+    # the untied head runs the strategy a second time on the same tokens: one warning is enough
+    warned = ctx._cache.setdefault("warned", set())
+    if missing and name not in warned:
+        warned.add(name)
+        warnings.warn(
+            f"init={name}: {len(missing)} of {len(ctx.new_tokens)} tokens have no usable text "
+            f"(e.g. {missing[:3]}); they start at the mean of the old rows",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _per_token(ctx: InitContext, old_rows: torch.Tensor, embed: Callable[[int], torch.Tensor | None], name: str) -> torch.Tensor:
     """Rows from a per-token rule; a token the rule cannot embed falls back to the mean (warned once)."""
-    mean = old_rows.mean(0)
+    mean_row = old_rows.float().mean(0)  # (d,)
     rows, missing = [], []
     for i, tok in enumerate(ctx.new_tokens):
         v = embed(i)
         if v is None:
             missing.append(tok)
-            v = mean
-        rows.append(v)
-    if missing:
-        warnings.warn(f"init={name}: {len(missing)} tokens have no usable text (e.g. {missing[:3]}); they start at the mean", stacklevel=3)
-    return torch.stack(rows).to(old_rows.dtype)
+            v = mean_row
+        rows.append(v.float())
+    _warn_once(ctx, name, missing)
+    if not rows:
+        return old_rows.new_zeros(0, old_rows.shape[1])
+    return torch.stack(rows).to(old_rows.dtype)  # (n_new, d)
 
 
 # ----------------------------------------------------------------------------------------- strategies
 def zero(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
-    """Zeros (seed 000 fallback)."""
+    """Zeros (seed 000's fallback)."""
     return old_rows.new_zeros(len(ctx.new_tokens), old_rows.shape[1])
 
 
 def random(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
-    """N(0, sigma^2) with sigma = the global std of the old rows (common baseline)."""
+    """N(0, sigma^2) with sigma = the ONE global std of all old entries (common baseline).
+
+    A global scalar, not per dimension: the baseline is "random at the right scale"; copying the
+    per-dimension shape of the old rows is what `mean_cov` does.
+    """
     std = old_rows.float().std()
-    noise = torch.randn(len(ctx.new_tokens), old_rows.shape[1], generator=ctx.generator)
-    return (noise * std).to(old_rows.dtype)
+    noise = torch.randn(len(ctx.new_tokens), old_rows.shape[1], generator=ctx.generator)  # (n_new, d)
+    return (noise.to(old_rows.device) * std).to(old_rows.dtype)
 
 
 def mean(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
     """Every new row = the mean of the old rows (HF default; the paper's baseline)."""
-    return old_rows.mean(0, keepdim=True).expand(len(ctx.new_tokens), -1).clone()
+    return old_rows.float().mean(0, keepdim=True).expand(len(ctx.new_tokens), -1).to(old_rows.dtype).clone()
 
 
 def mean_cov(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
-    """HF `mean_resizing=True`: sample from N(mean, 1e-5 * Cov(old rows)) (Hewitt 2021)."""
-    x = old_rows.double()
+    """Sample from N(mu, s * Sigma) of the old rows, s = cov_scale (default 1e-5).
+
+    Hewitt (2021, "Initializing new word embeddings") proposes s = 1e-5; HF's `mean_resizing=True`
+    uses the same construction with s = 1e-9 and falls back to the plain mean when s * Sigma is not
+    positive definite. Here a singular Sigma (n_old < d) is sampled through its eigenvectors
+    instead, so every token still gets its own small perturbation.
+    """
+    scale = float(ctx.options.get("cov_scale", 1e-5))
+    x = old_rows.float()  # (n_old, d)
     mu = x.mean(0)
-    cov = (x - mu).T @ (x - mu) / x.shape[0]  # (d, d)
-    dist = torch.distributions.MultivariateNormal(mu, covariance_matrix=1e-5 * cov + 1e-12 * torch.eye(len(mu), dtype=x.dtype))
-    with torch.random.fork_rng():
-        if ctx.generator is not None:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
-        return dist.sample((len(ctx.new_tokens),)).to(old_rows.dtype)
+    xc = x - mu
+    # (d, d) population covariance as in HF; the n_old x d^2 product in float32, the factorisation in
+    # float64 where a tiny eigenvalue must not turn negative
+    cov = scale * (xc.T @ xc).double() / x.shape[0]
+    L, info = torch.linalg.cholesky_ex(cov)
+    if int(info) != 0:  # not positive definite: cov = V diag(lam) V^T, use V diag(sqrt(lam_+))
+        lam, V = torch.linalg.eigh(cov)
+        L = V * lam.clamp(min=0).sqrt()
+    z = torch.randn(len(ctx.new_tokens), x.shape[1], generator=ctx.generator, dtype=torch.float64)
+    return (mu.double() + z.to(L.device) @ L.T).to(old_rows.dtype)  # (n_new, d); Cov = L L^T = cov
 
 
 def subword(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
-    """Mean of the old rows of the token's own surface string split by the old tokenizer (seed 003, CPT)."""
+    """Mean of the old rows of the token's own surface string split by the old tokenizer (seed 003, CPT).
+
+    "<a_12>" -> pieces of the string "<a_12>" (e.g. "<", "a", "_", "12", ">").
+    """
     return _per_token(ctx, old_rows, lambda i: _mean_of_pieces(old_rows, _piece_ids(ctx, ctx.new_tokens[i])), "subword")
 
 
 def _description_vector(ctx: InitContext, old_rows: torch.Tensor, i: int) -> torch.Tensor | None:
+    """Mean over token i's texts of (mean of the text's piece rows): (d,), or None without text."""
     vecs = [v for v in (_mean_of_pieces(old_rows, _piece_ids(ctx, t)) for t in _texts(ctx, i)) if v is not None]
     return torch.stack(vecs).mean(0) if vecs else None
 
 
 def description(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
-    """Mean over the token's description texts of the mean of each text's piece rows (seed 000).
+    """Mean over the token's texts of the mean of each text's piece rows (seed 000, "description average").
 
-    For an SID code token the texts are those of the items carrying the code ("description average").
+    For an SID code token the texts are those of ALL items carrying the code (embedding look-ups
+    only, so no cap): every text counts once, whatever its length.
     """
+    _require_descriptions(ctx, "description")
     return _per_token(ctx, old_rows, lambda i: _description_vector(ctx, old_rows, i), "description")
 
 
@@ -115,111 +176,171 @@ def last_token(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
     return old_rows[-1:].expand(len(ctx.new_tokens), -1).clone()
 
 
+def dictionary(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
+    """Mean of the old rows of all pieces of the given existing words (translation dictionary, seed 003).
+
+    One word -> a copy of its row when it is a single old token; several -> their mean.
+    """
+    missing = [t for t in ctx.new_tokens if not ctx.dictionary.get(t)]
+    if missing:
+        raise ConfigError(
+            f"init=dictionary: no dictionary entry for {len(missing)} new tokens, e.g. {missing[:3]} "
+            "(init_options.dictionary maps each new token to a list of existing words)"
+        )
+
+    def embed(i: int) -> torch.Tensor | None:
+        words = ctx.dictionary[ctx.new_tokens[i]]
+        words = [words] if isinstance(words, str) else words
+        return _mean_of_pieces(old_rows, [p for w in words for p in _piece_ids(ctx, w)])
+
+    return _per_token(ctx, old_rows, embed, "dictionary")
+
+
+# ----------------------------------------------------------------------------------------- model-based
+def _spread(texts: list[str], cap: int) -> list[str]:
+    """At most `cap` texts, evenly spaced (an SID code of level a can carry thousands of items)."""
+    if len(texts) <= cap:
+        return texts
+    return [texts[round(j * (len(texts) - 1) / (cap - 1))] for j in range(cap)] if cap > 1 else texts[:1]
+
+
+def _decoder(ctx: InitContext):
+    """The transformer body: hidden states without the (n_vocab-wide) logits of the LM head."""
+    if ctx.model is None:
+        raise ConfigError("this init strategy needs the model (it reads hidden states); InitContext.model is None")
+    m = ctx.model
+    return m.get_decoder() if hasattr(m, "get_decoder") else m
+
+
+def _check_layer(ctx: InitContext, layer: int) -> None:
+    n_layers = getattr(getattr(ctx.model, "config", None), "num_hidden_layers", None)
+    if layer < 0 or (n_layers is not None and layer > n_layers):
+        raise ConfigError(f"init_options.layer={layer}: must be in 0..{n_layers} (0 = the embedding output)")
+
+
 @torch.no_grad()
-def _hidden_mean(ctx: InitContext, texts: list[str], layer: int) -> torch.Tensor:
-    """Mean-pooled hidden state after `layer` of each text: (len(texts), d)."""
-    model = ctx.model
-    if model is None:
-        raise ConfigError("this init strategy needs the model (hidden states)")
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, len(texts), 32):
-        batch = [_piece_ids(ctx, t) or [0] for t in texts[start : start + 32]]
-        width = max(len(b) for b in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for j, b in enumerate(batch):
-            ids[j, : len(b)] = torch.tensor(b)
-            mask[j, : len(b)] = 1
-        h = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states[layer]
-        m = mask.to(device).unsqueeze(-1).to(h.dtype)
-        out.append(((h * m).sum(1) / m.sum(1)).float().cpu())
-    return torch.cat(out)
+def _text_hidden(ctx: InitContext, texts: list[str], layer: int) -> dict[str, torch.Tensor]:
+    """text -> mean-pooled hidden_states[layer] over its pieces, (d,) float32 on CPU.
+
+    hidden_states[0] is the embedding output, hidden_states[l] the residual stream after block l.
+    Texts are right-padded and sorted by length so a batch wastes little; padding is masked out of
+    the pooling (with causal attention, right padding does not change the real positions).
+    """
+    body = _decoder(ctx)
+    device = next(body.parameters()).device
+    cap_tokens = int(ctx.options.get("max_text_tokens", 256))
+    bs = int(ctx.options.get("batch_size", 32))
+    todo = sorted({t for t in texts if _piece_ids(ctx, t)}, key=lambda t: len(_piece_ids(ctx, t)))
+    out: dict[str, torch.Tensor] = {}
+    was_training = body.training
+    body.eval()
+    try:
+        for s in tqdm(range(0, len(todo), bs), desc=f"hidden states (layer {layer})", leave=False):
+            batch = todo[s : s + bs]
+            pieces = [_piece_ids(ctx, t)[:cap_tokens] for t in batch]
+            width = max(len(p) for p in pieces)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for j, p in enumerate(pieces):
+                ids[j, : len(p)] = torch.tensor(p)
+                mask[j, : len(p)] = 1
+            h = body(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states[layer]
+            h = h.float()  # (B, T, d)
+            m = mask.to(device).unsqueeze(-1).float()  # (B, T, 1)
+            pooled = ((h * m).sum(1) / m.sum(1)).cpu()  # (B, d)
+            out.update(zip(batch, pooled))
+    finally:
+        body.train(was_training)
+    return out
+
+
+def _hidden_queries(ctx: InitContext, layer: int) -> list[torch.Tensor | None]:
+    """Per new token: mean over its (capped) texts of the texts' pooled hidden states, or None."""
+    key = ("hidden", layer)
+    if key not in ctx._cache:
+        _check_layer(ctx, layer)
+        cap = int(ctx.options.get("max_texts", 64))  # model forwards are the cost: cap texts per token
+        chosen = [_spread(_texts(ctx, i), cap) for i in range(len(ctx.new_tokens))]
+        vec = _text_hidden(ctx, [t for ts in chosen for t in ts], layer)
+        rows = []
+        for ts in chosen:
+            vs = [vec[t] for t in ts if t in vec]
+            rows.append(torch.stack(vs).mean(0) if vs else None)
+        ctx._cache[key] = rows
+    return ctx._cache[key]
 
 
 def hidden(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
-    """Mean-pooled hidden state of the description after layer `layer` (default 2) (seed 004).
+    """Mean-pooled hidden state of the description after block `layer` (default 2) (seed 004).
 
-    Input and output rows both get the hidden-state vector: it lives in the residual stream that the
-    embedding feeds and the head reads.
+    Per text: mean over its pieces of hidden_states[layer]; per token: mean over its texts (at most
+    max_texts, evenly spaced). The rows are hidden states, not embedding rows, so their norm follows
+    the residual stream at that layer. An untied head gets the SAME vectors as the input rows: the
+    hidden state lives in the residual stream that the embedding writes and the head reads, and
+    old_output plays no part (only the mean fallback of a textless token uses the head's rows).
     """
-    layer = int(ctx.options.get("layer", 2))
-    key = ("hidden", layer)
-    if key not in ctx._cache:
-        flat, owner = [], []
-        for i in range(len(ctx.new_tokens)):
-            for t in _texts(ctx, i):
-                flat.append(t)
-                owner.append(i)
-        vecs = _hidden_mean(ctx, flat, layer) if flat else torch.empty(0, old_rows.shape[1])
-        per = [[] for _ in ctx.new_tokens]
-        for v, i in zip(vecs, owner):
-            per[i].append(v)
-        ctx._cache[key] = [torch.stack(p).mean(0) if p else None for p in per]
-    rows = ctx._cache[key]
+    _require_descriptions(ctx, "hidden")
+    rows = _hidden_queries(ctx, int(ctx.options.get("layer", 2)))
     return _per_token(ctx, old_rows, lambda i: rows[i], "hidden")
 
 
-def topk(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
-    """Similarity-weighted mean of the k vocabulary rows nearest to the description (seed 004).
+@torch.no_grad()
+def _vocab_hidden(ctx: InitContext, layer: int) -> torch.Tensor:
+    """hidden_states[layer] of every old token fed ALONE (one position): (n_old, d) float32."""
+    key = ("vocab_hidden", layer)
+    if key not in ctx._cache:
+        _check_layer(ctx, layer)
+        body, n = _decoder(ctx), ctx.old_input.shape[0]
+        device = next(body.parameters()).device
+        was_training = body.training
+        body.eval()
+        out = []
+        try:
+            for s in tqdm(range(0, n, 1024), desc=f"vocab hidden states (layer {layer})", leave=False):
+                ids = torch.arange(s, min(n, s + 1024), device=device).unsqueeze(1)  # (B, 1)
+                out.append(body(input_ids=ids, output_hidden_states=True).hidden_states[layer][:, 0].float().cpu())
+        finally:
+            body.train(was_training)
+        ctx._cache[key] = torch.cat(out)
+    return ctx._cache[key]
 
-    space=input (default): the description vector is the mean of its piece rows, compared by cosine
-    with every old row. space=hidden: the description's mean hidden state at `layer` is compared with
-    each vocabulary token's own hidden state at that layer (one forward over the vocabulary).
-    Weights: softmax of the top-k cosines / temperature (default 0.1), so near-ties share mass.
+
+def topk(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
+    """Similarity-weighted mean of the k old rows nearest to the description (seed 004).
+
+    space=input (default): query = the `description` vector in old_rows' own space, keys = old_rows.
+    space=hidden: query = the `hidden` vector (pooled description hidden state at `layer`), keys =
+    each old token's own hidden state at that layer (fed alone); the mixed rows are still old_rows.
+    Similarity: cosine. Weights: softmax(top-k cosines / temperature), temperature default 0.1, so
+    a clearly nearest row dominates and near-ties share the mass (temperature -> inf: plain mean).
     """
+    _require_descriptions(ctx, "topk")
     k = int(ctx.options.get("k", 8))
     temp = float(ctx.options.get("temperature", 0.1))
     space = ctx.options.get("space", "input")
+    if k < 1 or not temp > 0:
+        raise ConfigError(f"init=topk: need k >= 1 and temperature > 0, got k={k}, temperature={temp}")
     if space == "input":
-        keys = old_rows.float()
+        keys = old_rows.float()  # (n_old, d)
         queries = [_description_vector(ctx, old_rows, i) for i in range(len(ctx.new_tokens))]
     elif space == "hidden":
         layer = int(ctx.options.get("layer", 2))
-        keys = _vocab_hidden(ctx, layer)
-        hid = hidden(ctx, ctx.old_input)  # (n_new, d) description hidden states (fallback: mean)
-        queries = list(hid)
+        keys = _vocab_hidden(ctx, layer)  # (n_old, d)
+        queries = _hidden_queries(ctx, layer)
     else:
         raise ConfigError(f"init_options.space must be 'input' or 'hidden', got {space!r}")
-    keys_n = torch.nn.functional.normalize(keys, dim=-1)
+    keys_n = F.normalize(keys, dim=-1)
 
     def embed(i: int) -> torch.Tensor | None:
         q = queries[i]
         if q is None:
             return None
-        sims = keys_n @ torch.nn.functional.normalize(q.float(), dim=0)  # (n_old,)
-        top = sims.topk(min(k, len(sims)))
-        w = torch.softmax(top.values / temp, dim=0)
-        return (w.unsqueeze(1) * old_rows[top.indices].float()).sum(0)
+        sims = keys_n @ F.normalize(q.float(), dim=0)  # (n_old,)
+        top = sims.topk(min(k, sims.numel()))
+        w = torch.softmax(top.values / temp, dim=0)  # (k,)
+        return w @ old_rows[top.indices].float()  # (d,)
 
     return _per_token(ctx, old_rows, embed, "topk")
-
-
-@torch.no_grad()
-def _vocab_hidden(ctx: InitContext, layer: int) -> torch.Tensor:
-    key = ("vocab_hidden", layer)
-    if key not in ctx._cache:
-        model, n = ctx.model, ctx.old_input.shape[0]
-        device = next(model.parameters()).device
-        out = []
-        for s in tqdm(range(0, n, 1024), desc="vocab hidden states", leave=False):
-            ids = torch.arange(s, min(n, s + 1024), device=device).unsqueeze(1)  # each token alone
-            out.append(model(input_ids=ids, output_hidden_states=True).hidden_states[layer][:, 0].float().cpu())
-        ctx._cache[key] = torch.cat(out)
-    return ctx._cache[key]
-
-
-def dictionary(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
-    """Mean of the old rows of the given existing words' pieces (translation dictionary, seed 003)."""
-    missing = [t for t in ctx.new_tokens if not ctx.dictionary.get(t)]
-    if missing:
-        raise ConfigError(f"init=dictionary: no dictionary entry for {len(missing)} tokens, e.g. {missing[:3]} (init_options.dictionary)")
-
-    def embed(i: int) -> torch.Tensor | None:
-        ids = [p for w in ctx.dictionary[ctx.new_tokens[i]] for p in _piece_ids(ctx, w)]
-        return _mean_of_pieces(old_rows, ids)
-
-    return _per_token(ctx, old_rows, embed, "dictionary")
 
 
 STRATEGIES: dict[str, Callable[[InitContext, torch.Tensor], torch.Tensor]] = {
@@ -237,10 +358,15 @@ STRATEGIES: dict[str, Callable[[InitContext, torch.Tensor], torch.Tensor]] = {
 
 
 def initialize_rows(name: str, ctx: InitContext) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(new input rows, new output rows or None when the head is tied)."""
+    """(new input rows (n_new, d), new output rows (n_new, d) or None when the head is tied)."""
     if name not in STRATEGIES:
         raise ConfigError(f"init: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    if ctx.old_output is not None and ctx.old_output.shape != ctx.old_input.shape:
+        raise ConfigError(f"init: old_output {tuple(ctx.old_output.shape)} and old_input {tuple(ctx.old_input.shape)} differ")
     fn = STRATEGIES[name]
     rows_in = fn(ctx, ctx.old_input)
     rows_out = None if ctx.old_output is None else fn(ctx, ctx.old_output)
+    for rows in (rows_in, rows_out):
+        if rows is not None and not torch.isfinite(rows).all():
+            raise ConfigError(f"init={name} produced non-finite rows")
     return rows_in, rows_out

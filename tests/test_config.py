@@ -70,4 +70,4 @@ def test_cli_wrong_key_fails_fast():
     r = subprocess.run([sys.executable, "-m", "gti.ground", "trainer.max_stepz=3"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "trainer.max_stepz" in r.stderr and "Traceback" not in r.stderr
-    assert time.time() - t < 60  # generous bound: it must fail before any model/data work
+    assert time.time() - t < 5  # config is checked before torch/lightning are even imported

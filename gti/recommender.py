@@ -1,0 +1,122 @@
+"""Stage-2 pieces: the recommender LightningModule, prompts, evaluation batches (design.md §7)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from gti.config import FinetuneConfig
+from gti.data import Dataset, Example
+from gti.errors import ConfigError
+from gti.metrics import RankingMetrics, rank_of
+from gti.setup import adamw_with_warmup, check_loss
+from gti.templates import REC_TEMPLATES, Encoded, PromptFormatter, pad_batch, render, sid_string
+from gti.trie import SidTrie, beams_to_items, constrained_beam_search
+from gti.vocab import NewTokens
+
+
+class RecommenderModule(L.LightningModule):
+    def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig):
+        super().__init__()
+        self.model, self.tokenizer, self.trie, self.cfg = model, tokenizer, trie, cfg
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
+        ks = tuple(cfg.eval.ks)
+        self.val_metrics, self.test_metrics = RankingMetrics(ks), RankingMetrics(ks)
+        self.predictions: list[dict] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        check_loss(loss, self.global_step, self.trainer)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def _rank(self, batch) -> tuple[list[list[int]], torch.Tensor]:
+        beams = constrained_beam_search(
+            self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.trie,
+            num_beams=self.cfg.eval.num_beams, num_return=self.cfg.eval.num_beams,
+        )  # fmt: skip
+        items = beams_to_items(beams, self.trie)
+        ranks = torch.tensor([rank_of(int(t), its) for t, its in zip(batch["target"], items)], device=self.device)
+        return items, ranks
+
+    def validation_step(self, batch, batch_idx):
+        _, ranks = self._rank(batch)
+        self.val_metrics.update(batch["index"], ranks)
+
+    def on_validation_epoch_end(self):
+        for k, v in self.val_metrics.compute().items():
+            self.log(f"val/{k}", float(v), sync_dist=True)  # already synced: every rank holds the same value
+        self.val_metrics.reset()
+
+    def test_step(self, batch, batch_idx):
+        items, ranks = self._rank(batch)
+        self.test_metrics.update(batch["index"], ranks)
+        k = max(self.cfg.eval.ks)
+        for i, u, t, its, r in zip(batch["index"].tolist(), batch["user"].tolist(), batch["target"].tolist(), items, ranks.tolist()):
+            self.predictions.append({"index": i, "user": u, "target": t, "rank": r, "items": its[:k]})
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        return adamw_with_warmup(self.model.parameters(), o.lr, o.weight_decay, o.warmup_steps)
+
+
+# ----------------------------------------------------------------------------------------- data
+def rec_prompt(ds: Dataset, ex: Example, template: int) -> tuple[str, str]:
+    history = ", ".join(sid_string(ds.index[i]) for i in ex.history)
+    return render(REC_TEMPLATES[template], history=history, sid=sid_string(ds.index[ex.target]))
+
+
+def train_rows(ds: Dataset, train: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig, new: NewTokens) -> list:
+    # the paper's three phrasings, one per example in turn
+    rows = [fmt.encode(*rec_prompt(ds, ex, cfg.templates[ex.index % len(cfg.templates)]), cfg.max_length) for ex in train]
+    if cfg.multitask:  # LC-Rec multi-task baseline: also learn text <-> SID
+        from gti.grounding import grounding_examples
+        from gti.templates import GROUNDING_TEMPLATES
+
+        rows += grounding_examples(ds, new, fmt, list(GROUNDING_TEMPLATES), cfg.max_length)
+    return rows
+
+
+class EvalCollate:
+    """Prompt-only batches, left padded for generation, carrying each example's global index."""
+
+    def __init__(self, fmt: PromptFormatter, ds: Dataset, template: int):
+        self.fmt, self.ds, self.template = fmt, ds, template
+
+    def __call__(self, examples: list[Example]) -> dict:
+        enc = []
+        for ex in examples:
+            ids = self.fmt.prompt_ids(rec_prompt(self.ds, ex, self.template)[0])
+            enc.append(Encoded(ids, [-100] * len(ids)))
+        batch = pad_batch(enc, self.fmt.tok.pad_token_id, left=True)
+        batch.pop("labels")
+        batch["index"] = torch.tensor([ex.index for ex in examples])
+        batch["target"] = torch.tensor([ex.target for ex in examples])
+        batch["user"] = torch.tensor([ex.user for ex in examples])
+        return batch
+
+
+def check_prompt_lengths(ds: Dataset, examples: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig) -> None:
+    """Histories (after max_history) must fit the context: fail clearly instead of cutting prompts."""
+    longest = max(examples, key=lambda ex: len(ex.history))
+    n = len(fmt.prompt_ids(rec_prompt(ds, longest, cfg.templates[0])[0])) + max(len(s) for s in ds.index.values()) + 1
+    if n > cfg.max_length:
+        raise ConfigError(
+            f"max_length={cfg.max_length} is too short: user {longest.user}'s history of {len(longest.history)} items "
+            f"needs {n} tokens; raise max_length or lower data.max_history={cfg.data.max_history}"
+        )
+
+
+def gather_predictions(local: list[dict]) -> list[dict]:
+    """All ranks' predictions, each example once (the DDP sampler pads with repeats)."""
+    rows = local
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, local)
+        rows = [r for p in parts for r in p]
+    seen, out = set(), []
+    for r in rows:
+        if r["index"] not in seen:
+            seen.add(r["index"])
+            out.append(r)
+    return out
