@@ -1,10 +1,11 @@
 """Geometry of a new-token matrix E (n x d): why one initialisation works better than another (design.md §8).
 
-Plain torch/scipy; `gti.diagnose` applies it to run folders.
+Plain torch/scipy/matplotlib (Agg, no pyplot state); `gti.diagnose` applies it to run folders.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -16,40 +17,54 @@ SID = re.compile(r"^<([a-zA-Z])_(\d+)>$")
 
 
 def level_of(token: str) -> int:
-    """`<a_12>` -> 0, `<c_3>` -> 2; any other token -> -1."""
+    """`<a_12>` -> 0, `<c_3>` -> 2 (letter - 'a'); any other token -> -1."""
     m = SID.match(token)
     return ord(m.group(1).lower()) - ord("a") if m else -1
 
 
+def level_order(tokens: list[str]) -> list[int]:
+    """Row order for heatmaps: SID tokens by level then code, other tokens last (in their order)."""
+
+    def key(i: int):
+        m = SID.match(tokens[i])
+        return (0, level_of(tokens[i]), int(m.group(2)), i) if m else (1, 0, 0, i)
+
+    return sorted(range(len(tokens)), key=key)
+
+
+# ----------------------------------------------------------------------------------------- numbers
 def spectrum(E: torch.Tensor, centered: bool = False) -> torch.Tensor:
-    X = E.double()
+    """Singular values of E (n, d), descending, float64; centred: of E minus its row mean."""
+    X = E.detach().double().cpu()
     if centered:
         X = X - X.mean(0, keepdim=True)
     return torch.linalg.svdvals(X)
 
 
 def effective_rank(s: torch.Tensor) -> float:
-    """exp(entropy of s / sum(s)) (Roy & Vetterli 2007): n for a flat spectrum, 1 for rank one."""
-    s = s[s > 1e-12 * s.max()] if s.numel() and s.max() > 0 else s[:0]
-    if s.numel() == 0:
+    """exp(entropy of s / sum(s)) (Roy & Vetterli 2007): k for k equal values, 1 for rank one, 0 for E = 0."""
+    s = s.double()
+    if s.numel() == 0 or s.max() <= 0:
         return 0.0
+    s = s[s > 1e-12 * s.max()]  # numerical zeros carry no mass; 0 * log 0 = 0
     p = s / s.sum()
     return float(torch.exp(-(p * p.log()).sum()))
 
 
 def participation_ratio(s: torch.Tensor) -> float:
-    """(sum lambda)^2 / sum lambda^2 with lambda = s^2 (variance per direction)."""
+    """(sum lambda)^2 / sum lambda^2 with lambda = s^2, the variance along each principal direction."""
     lam = s.double() ** 2
     return float(lam.sum() ** 2 / (lam**2).sum()) if lam.sum() > 0 else 0.0
 
 
 def cosine_matrix(E: torch.Tensor) -> torch.Tensor:
-    X = F.normalize(E.double(), dim=-1)
+    """(n, n) pairwise cosines in float64 (a zero row has cosine 0 with everything)."""
+    X = F.normalize(E.detach().double().cpu(), dim=-1)
     return X @ X.T
 
 
 def mean_cosine(E: torch.Tensor) -> float:
-    """Mean off-diagonal pairwise cosine: 1.0 when every row points the same way (mean init)."""
+    """Mean off-diagonal pairwise cosine: 1.0 when every row points the same way (mean init); nan if n < 2."""
     n = E.shape[0]
     if n < 2:
         return float("nan")
@@ -58,10 +73,18 @@ def mean_cosine(E: torch.Tensor) -> float:
 
 
 def level_cosines(E: torch.Tensor, levels: list[int]) -> dict[str, float]:
+    """Mean cosine of pairs in the same SID level vs pairs in different levels.
+
+    Rows with level < 0 (tokens that are not SID codes) are left out: they form no level.
+    """
+    if len(levels) != E.shape[0]:
+        raise ValueError(f"level_cosines: {len(levels)} levels for {E.shape[0]} rows")
     lv = torch.tensor(levels)
-    C = cosine_matrix(E)
-    same = lv.unsqueeze(0) == lv.unsqueeze(1)
-    off = ~torch.eye(len(levels), dtype=torch.bool)
+    keep = lv >= 0
+    C = cosine_matrix(E)[keep][:, keep]
+    lv = lv[keep]
+    same = lv.unsqueeze(0) == lv.unsqueeze(1)  # (m, m)
+    off = ~torch.eye(len(lv), dtype=torch.bool)
     within, across = C[same & off], C[~same]
     return {
         "within": float(within.mean()) if within.numel() else float("nan"),
@@ -70,25 +93,55 @@ def level_cosines(E: torch.Tensor, levels: list[int]) -> dict[str, float]:
 
 
 def rsa(E: torch.Tensor, C: torch.Tensor) -> dict[str, float]:
-    """Representational similarity: Pearson and Spearman between the upper triangles of cos(E) and cos(C)."""
+    """Representational similarity: Pearson and Spearman between the upper triangles of cos(E) and cos(C).
+
+    C: the quantiser's code vectors for the same rows, in the same order (any width). A matrix whose
+    cosines are all equal (mean init: one point) has no structure to correlate: both are 0.
+    """
     from scipy.stats import pearsonr, spearmanr
 
-    iu = torch.triu_indices(E.shape[0], E.shape[0], offset=1)
-    a = cosine_matrix(E)[iu[0], iu[1]].numpy()
-    b = cosine_matrix(torch.as_tensor(C))[iu[0], iu[1]].numpy()
-    if a.std() < 1e-12 or b.std() < 1e-12:  # a collapsed matrix (mean init) has no structure to correlate
+    C = torch.as_tensor(C)
+    if C.shape[0] != E.shape[0]:
+        raise ValueError(f"rsa: {E.shape[0]} rows in E but {C.shape[0]} code vectors")
+    n = E.shape[0]
+    if n < 3:
+        return {"pearson": float("nan"), "spearman": float("nan")}
+    iu = torch.triu_indices(n, n, offset=1)
+    a = cosine_matrix(E)[iu[0], iu[1]].numpy()  # (n(n-1)/2,)
+    b = cosine_matrix(C)[iu[0], iu[1]].numpy()
+    if a.std() < 1e-12 or b.std() < 1e-12:
         return {"pearson": 0.0, "spearman": 0.0}
     return {"pearson": float(pearsonr(a, b)[0]), "spearman": float(spearmanr(a, b)[0])}
 
 
 def nearest_tokens(rows: torch.Tensor, old_rows: torch.Tensor, tokenizer, k: int = 5) -> list[list[str]]:
-    """The k old-vocabulary tokens closest (cosine) to each row, decoded to readable strings."""
-    sims = F.normalize(rows.float(), dim=-1) @ F.normalize(old_rows.float(), dim=-1).T
-    top = sims.topk(k, dim=-1).indices
+    """For each row of `rows` (m, d): the k old-vocabulary tokens of highest cosine, decoded one by one."""
+    sims = F.normalize(rows.detach().float().cpu(), dim=-1) @ F.normalize(old_rows.detach().float().cpu(), dim=-1).T
+    top = sims.topk(min(k, sims.shape[1]), dim=-1).indices  # (m, k)
     return [[tokenizer.decode([int(i)]) for i in row] for row in top]
 
 
-def summarize(E, levels=None, code_vectors=None, old_rows=None, tokenizer=None, token_names=None, sample: int = 3) -> dict:
+def _finite(x):
+    """JSON has no NaN: undefined numbers (a single row, no level pair) become null."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def summarize(
+    E: torch.Tensor,
+    levels: list[int] | None = None,
+    code_vectors=None,
+    old_rows: torch.Tensor | None = None,
+    tokenizer=None,
+    token_names: list[str] | None = None,
+    sample: int = 3,
+) -> dict:
+    """All §8 numbers for E (n, d) as a JSON-serialisable dict (NaN -> null)."""
     E = E.detach().float().cpu()
     s_u, s_c = spectrum(E), spectrum(E, centered=True)
     out: dict = {
@@ -98,60 +151,71 @@ def summarize(E, levels=None, code_vectors=None, old_rows=None, tokenizer=None, 
         "singular_values_centered": [round(float(x), 5) for x in s_c[:64]],
         "effective_rank": effective_rank(s_u),
         "effective_rank_centered": effective_rank(s_c),
-        "participation_ratio": participation_ratio(s_c),
+        "participation_ratio": participation_ratio(s_c),  # of the centred rows: the spread's dimension
+        "participation_ratio_uncentered": participation_ratio(s_u),
         "mean_cosine": mean_cosine(E),
-        "mean_norm": float(E.norm(dim=-1).mean()),
+        "mean_norm": float(E.norm(dim=-1).mean()) if E.shape[0] else float("nan"),
     }
-    if levels is not None and len(set(levels)) > 1:
+    if levels is not None and len({lv for lv in levels if lv >= 0}) > 1:
         out["level_cosine"] = level_cosines(E, levels)
     if code_vectors is not None:
         out["rsa"] = rsa(E, torch.as_tensor(code_vectors).float())
-    if old_rows is not None and tokenizer is not None and sample > 0:
+    if old_rows is not None and tokenizer is not None and sample > 0 and E.shape[0] > 0:
         n = E.shape[0]
-        pick = sorted({round(j * (n - 1) / max(sample - 1, 1)) for j in range(sample)})  # spread over levels
+        pick = sorted({round(j * (n - 1) / max(sample - 1, 1)) for j in range(min(sample, n))})  # spread over levels
         names = token_names or [str(i) for i in range(n)]
         near = nearest_tokens(E[pick], old_rows, tokenizer)
         out["nearest_tokens"] = {names[i]: near[j] for j, i in enumerate(pick)}
-    return out
+    return _finite(out)
 
 
 # ----------------------------------------------------------------------------------------- plots
+def _figure(figsize):
+    # a bare Figure on an Agg canvas: no pyplot global state, no GUI backend, safe in any thread
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def _save(fig, path: str | os.PathLike) -> None:
+    """Write the PNG under a temporary name in the same folder, then rename: never a half-written plot."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plot_spectrum(matrices: dict[str, torch.Tensor], path) -> None:
-    """Normalised singular values (centred) of several matrices on one log-scale plot."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Centred singular values / largest, one line per matrix, log scale.
+
+    A collapsed matrix (mean init: every row equal) has a centred spectrum of zeros; it is drawn at
+    the 1e-12 floor, not normalised into a flat line.
+    """
+    fig = _figure((6, 4))
+    ax = fig.add_subplot()
     for name, E in matrices.items():
-        s = spectrum(E.float().cpu(), centered=True)
-        s = s / s.max() if s.max() > 0 else s
-        ax.semilogy(range(1, len(s) + 1), s.clamp(min=1e-12).numpy(), label=f"{name} (erank {effective_rank(s):.1f})")
+        s_u, s = spectrum(E), spectrum(E, centered=True)
+        collapsed = s.numel() == 0 or s.max() <= 1e-9 * max(float(s_u.max()) if s_u.numel() else 0.0, 1e-30)
+        s = torch.zeros_like(s) if collapsed else s / s.max()
+        label = f"{name} (collapsed)" if collapsed else f"{name} (erank {effective_rank(s):.1f})"
+        ax.semilogy(range(1, len(s) + 1), s.clamp(min=1e-12).numpy(), label=label)
     ax.set_xlabel("index")
     ax.set_ylabel("singular value / max (centred)")
     ax.set_title("spectrum of the new-token rows")
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
 
 
 def _heatmap(ax, E: torch.Tensor, order: list[int], title: str):
-    C = cosine_matrix(E.float().cpu())[order][:, order].numpy()
+    C = cosine_matrix(E)[order][:, order].numpy()
     im = ax.imshow(C, vmin=-1, vmax=1, cmap="RdBu_r", interpolation="nearest")
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
@@ -160,22 +224,23 @@ def _heatmap(ax, E: torch.Tensor, order: list[int], title: str):
 
 
 def plot_cosine_map(E: torch.Tensor, order: list[int], path, title: str = "cosine") -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 4.4))
+    """Cosine heatmap of the rows of E in `order` (e.g. `level_order(tokens)`: level, then code)."""
+    fig = _figure((5, 4.4))
+    ax = fig.add_subplot()
     im = _heatmap(ax, E, order, title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     _save(fig, path)
-    plt.close(fig)
 
 
 def plot_cosine_maps(matrices: dict[str, torch.Tensor], path, order: list[int] | None = None) -> None:
-    plt = _plt()
+    """Several cosine heatmaps side by side (same row order for all, identity by default)."""
     n = len(matrices)
-    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
+    fig = _figure((3.2 * n + 0.6, 3.4))
+    axes = fig.subplots(1, n, squeeze=False)[0]
     im = None
-    for ax, (name, E) in zip(axes[0], matrices.items()):
-        im = _heatmap(ax, E, order or list(range(E.shape[0])), name)
-    fig.colorbar(im, ax=axes[0].tolist(), fraction=0.02)
+    for ax, (name, E) in zip(axes, matrices.items()):
+        im = _heatmap(ax, E, order if order is not None else list(range(E.shape[0])), name)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes), fraction=0.02)
     _save(fig, path)
-    plt.close(fig)

@@ -13,10 +13,11 @@ old-vocabulary piece) starts at `mean`; one warning per strategy names how many 
 A `descriptions` list that does not cover every new token is a ConfigError naming the first token
 without one: that is a wiring bug, not missing data.
 
-Options (ctx.options): k (topk, 8), temperature (topk, 0.1), space (topk, "input" | "hidden"),
-layer (hidden / topk-hidden, 2), cov_scale (mean_cov, 1e-5), max_texts (texts per token that go
-through the model, 64), max_text_tokens (pieces per text that go through the model, 256),
-batch_size (model forwards, 32).
+Options (ctx.options, all optional; KNOWN_OPTIONS lists them): k (topk, 8), temperature (topk, 0.1),
+space (topk, "input" | "hidden"), layer (hidden / topk-hidden, 2), match_norm (hidden, False),
+cov_scale (mean_cov, 1e-5), max_texts (texts per token that go through the model, 64),
+max_text_tokens (pieces per text that go through the model, 256), batch_size (description
+forwards, 32), vocab_batch_size (topk-hidden vocabulary forwards, 4096).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gti.errors import ConfigError
+
+KNOWN_OPTIONS = frozenset(
+    {"k", "temperature", "space", "layer", "match_norm", "cov_scale", "max_texts", "max_text_tokens", "batch_size", "vocab_batch_size"}
+)
 
 
 @dataclass
@@ -212,6 +217,37 @@ def _decoder(ctx: InitContext):
     return m.get_decoder() if hasattr(m, "get_decoder") else m
 
 
+class _Reached(Exception):
+    """Raised by a forward hook once the wanted block has run: the blocks after it are wasted work."""
+
+
+def _hidden_at(body, layer: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """hidden_states[layer] of the decoder body: (B, T, d).
+
+    For 0 < layer < n_layers the forward stops after block `layer` (the output of block l-1 is
+    hidden_states[l]; layer 2 of a 30-block model costs 2 blocks, not 30). Layer 0 (embeddings) and
+    the last layer (HF applies the final norm to it) go through the full forward.
+    """
+    blocks = getattr(body, "layers", None)
+    kw = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if blocks is None or not 0 < layer < len(blocks):
+        return body(**kw, output_hidden_states=True).hidden_states[layer]
+    grabbed = {}
+
+    def hook(_module, _args, output):
+        grabbed["h"] = output[0] if isinstance(output, tuple) else output
+        raise _Reached
+
+    handle = blocks[layer - 1].register_forward_hook(hook)
+    try:
+        body(**kw)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    return grabbed["h"]
+
+
 def _check_layer(ctx: InitContext, layer: int) -> None:
     n_layers = getattr(getattr(ctx.model, "config", None), "num_hidden_layers", None)
     if layer < 0 or (n_layers is not None and layer > n_layers):
@@ -244,8 +280,7 @@ def _text_hidden(ctx: InitContext, texts: list[str], layer: int) -> dict[str, to
             for j, p in enumerate(pieces):
                 ids[j, : len(p)] = torch.tensor(p)
                 mask[j, : len(p)] = 1
-            h = body(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True).hidden_states[layer]
-            h = h.float()  # (B, T, d)
+            h = _hidden_at(body, layer, ids.to(device), mask.to(device)).float()  # (B, T, d)
             m = mask.to(device).unsqueeze(-1).float()  # (B, T, 1)
             pooled = ((h * m).sum(1) / m.sum(1)).cpu()  # (B, d)
             out.update(zip(batch, pooled))
@@ -275,13 +310,19 @@ def hidden(ctx: InitContext, old_rows: torch.Tensor) -> torch.Tensor:
 
     Per text: mean over its pieces of hidden_states[layer]; per token: mean over its texts (at most
     max_texts, evenly spaced). The rows are hidden states, not embedding rows, so their norm follows
-    the residual stream at that layer. An untied head gets the SAME vectors as the input rows: the
+    the residual stream at that layer (often 10-30x the embedding norm); option match_norm=True
+    rescales each row to the mean old-row norm. An untied head gets the SAME vectors as the input rows: the
     hidden state lives in the residual stream that the embedding writes and the head reads, and
     old_output plays no part (only the mean fallback of a textless token uses the head's rows).
     """
     _require_descriptions(ctx, "hidden")
-    rows = _hidden_queries(ctx, int(ctx.options.get("layer", 2)))
-    return _per_token(ctx, old_rows, lambda i: rows[i], "hidden")
+    rows = _per_token(ctx, old_rows, lambda i: _hidden_queries(ctx, int(ctx.options.get("layer", 2)))[i], "hidden")
+    if ctx.options.get("match_norm", False):
+        # the residual stream is far larger than the embeddings (SmolLM2-135M, layer 2: ~80 vs ~3.2);
+        # opt-in: keep the direction, give every row the mean norm of the old rows
+        target = old_rows.float().norm(dim=-1).mean()
+        rows = (F.normalize(rows.float(), dim=-1) * target).to(old_rows.dtype)
+    return rows
 
 
 @torch.no_grad()
@@ -296,9 +337,10 @@ def _vocab_hidden(ctx: InitContext, layer: int) -> torch.Tensor:
         body.eval()
         out = []
         try:
-            for s in tqdm(range(0, n, 1024), desc=f"vocab hidden states (layer {layer})", leave=False):
-                ids = torch.arange(s, min(n, s + 1024), device=device).unsqueeze(1)  # (B, 1)
-                out.append(body(input_ids=ids, output_hidden_states=True).hidden_states[layer][:, 0].float().cpu())
+            bs = int(ctx.options.get("vocab_batch_size", 4096))  # one position per row: wide batches are cheap
+            for s in tqdm(range(0, n, bs), desc=f"vocab hidden states (layer {layer})", leave=False):
+                ids = torch.arange(s, min(n, s + bs), device=device).unsqueeze(1)  # (B, 1)
+                out.append(_hidden_at(body, layer, ids)[:, 0].float().cpu())  # (B, d)
         finally:
             body.train(was_training)
         ctx._cache[key] = torch.cat(out)
