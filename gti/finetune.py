@@ -137,8 +137,9 @@ def run(cfg: FinetuneConfig) -> Path:
     trie = SidTrie([tokenizer.convert_tokens_to_ids(ds.index[i]) for i in items], tokenizer.eos_token_id)
     collate = EvalCollate(fmt, ds, cfg.templates[0])
     check_prompt_lengths(ds, valid + test, fmt, cfg)
+    sampler = EpochShuffleSampler(len(rows), cfg.seed, cfg.optim.batch_size)
     train_loader = DataLoader(
-        rows, batch_size=cfg.optim.batch_size, sampler=EpochShuffleSampler(len(rows), cfg.seed),
+        rows, batch_size=cfg.optim.batch_size, sampler=sampler,
         num_workers=cfg.trainer.num_workers, collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id),
     )  # fmt: skip
     val_loader = DataLoader(valid, batch_size=cfg.eval.batch_size, collate_fn=collate)
@@ -146,7 +147,7 @@ def run(cfg: FinetuneConfig) -> Path:
 
     if cfg.lora.enabled:
         model = apply_lora(model, cfg)
-    module = RecommenderModule(model, tokenizer, trie, cfg)
+    module = RecommenderModule(model, tokenizer, trie, cfg, sampler=sampler)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
         f"[gti.finetune] {len(ds.inter)} users, {ds.num_items} items, {len(rows)} training rows, "

@@ -67,13 +67,14 @@ def run(cfg: GroundConfig) -> Path:
     fmt = PromptFormatter(tokenizer)
     examples = grounding_examples(ds, new, fmt, cfg.ground.templates, cfg.max_length)
     random.Random(cfg.seed).shuffle(examples)
+    sampler = EpochShuffleSampler(len(examples), cfg.seed, cfg.optim.batch_size)
     loader = DataLoader(
-        examples, batch_size=cfg.optim.batch_size, sampler=EpochShuffleSampler(len(examples), cfg.seed),
+        examples, batch_size=cfg.optim.batch_size, sampler=sampler,
         num_workers=cfg.trainer.num_workers, collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id),
     )  # fmt: skip
     old_rows = model.get_input_embeddings().weight.detach()[: new.start].clone()
     diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init") if global_rank() == 0 else {}
-    module = GroundingModule(model, new, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps)
+    module = GroundingModule(model, new, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, sampler=sampler)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     max_steps = cfg.trainer.max_steps

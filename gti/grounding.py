@@ -19,9 +19,9 @@ TOKEN_TEMPLATES = {  # for tokens.jsonl entries (domain words, special tokens, a
 class GroundingModule(L.LightningModule):
     """Only the overlay tables are parameters the optimiser sees; the LM is frozen (design.md §6)."""
 
-    def __init__(self, model, new: NewTokens, lr: float, weight_decay: float, warmup_steps: int, full: bool = False):
+    def __init__(self, model, new: NewTokens, lr: float, weight_decay: float, warmup_steps: int, full: bool = False, sampler=None):
         super().__init__()
-        self.model = model
+        self.model, self.sampler = model, sampler
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         self.lr, self.weight_decay, self.warmup_steps, self.full = lr, weight_decay, warmup_steps, full
         if full:  # optional second phase (paper §4.1): everything trains
@@ -30,6 +30,10 @@ class GroundingModule(L.LightningModule):
         else:
             install_overlay(model, new.start, len(new))
         self.strict_loading = False  # checkpoints hold only the trainable tensors
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.sampler is not None:  # mid-epoch resume: continue with the batches not yet seen
+            self.sampler.resume_after(checkpoint)
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss

@@ -16,13 +16,17 @@ from gti.vocab import NewTokens
 
 
 class RecommenderModule(L.LightningModule):
-    def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig):
+    def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig, sampler=None):
         super().__init__()
-        self.model, self.tokenizer, self.trie, self.cfg = model, tokenizer, trie, cfg
+        self.model, self.tokenizer, self.trie, self.cfg, self.sampler = model, tokenizer, trie, cfg, sampler
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         ks = tuple(cfg.eval.ks)
         self.val_metrics, self.test_metrics = RankingMetrics(ks), RankingMetrics(ks)
         self.predictions: list[dict] = []
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.sampler is not None:  # mid-epoch resume: continue with the batches not yet seen
+            self.sampler.resume_after(checkpoint)
 
     def training_step(self, batch, batch_idx):
         loss = self.model(**batch).loss

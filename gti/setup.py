@@ -142,7 +142,7 @@ def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: lis
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val or None,
         log_every_n_steps=t.log_every_n_steps,
-        logger=CSVLogger(run_dir, name="logs", version=""),
+        logger=CSVLogger(run_dir, name="logs"),  # logs/version_N: a resumed run keeps the earlier logs
         callbacks=[ckpt, *(callbacks or [])],
         default_root_dir=run_dir,
         enable_model_summary=False,
@@ -200,19 +200,26 @@ def global_rank() -> int:
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
-    """A shuffle that depends only on (seed, epoch): a resumed run sees the same order as an
+    """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order as an
     uninterrupted one (a DataLoader generator would restart from the seed). Lightning calls
-    `set_epoch`, and wraps it for DDP."""
+    `set_epoch` (and wraps the sampler for DDP). After a mid-epoch resume, `resume_after` makes the
+    next pass skip the examples of the batches already trained on."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, batch_size: int):
+        self.n, self.seed, self.batch_size, self.epoch, self.skip = n, seed, batch_size, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_after(self, checkpoint: dict) -> None:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
+        self.skip = progress["processed"] * self.batch_size  # batches of the interrupted epoch
+
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:])
 
     def __len__(self) -> int:
         return self.n

@@ -79,13 +79,13 @@ def test_ddp_grounding_trains_only_new_rows(tmp_path, tiny_model_dir):
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
-    write_toy_dataset(tmp_path / "data")  # 12 items x 6 templates = 72 examples = 9 steps per epoch
-    steps = 90
-    ref = gti("ground", *ground_args(tmp_path, tiny_model_dir, tmp_path / "ref", steps, "trainer.checkpoint_every=9"))
+    write_toy_dataset(tmp_path / "data")  # 72 examples = 9 steps per epoch; checkpoints every 5 steps: mid-epoch
+    steps = 60
+    ref = gti("ground", *ground_args(tmp_path, tiny_model_dir, tmp_path / "ref", steps, "trainer.checkpoint_every=5"))
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     out = tmp_path / "run"
-    args = ground_args(tmp_path, tiny_model_dir, out, steps, "trainer.checkpoint_every=9")
+    args = ground_args(tmp_path, tiny_model_dir, out, steps, "trainer.checkpoint_every=5")
     proc = subprocess.Popen([sys.executable, "-m", "gti.ground", *args], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = out.with_name("run.partial") / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
