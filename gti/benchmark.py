@@ -45,6 +45,7 @@ class BenchmarkConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output_dir: str = "runs/benchmark"
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    report_only: bool = False  # true: write the report from the cells finished so far, run nothing
 
 
 def cells(cfg: BenchmarkConfig) -> list[tuple[str, int]]:
@@ -194,6 +195,8 @@ def run(cfg: BenchmarkConfig) -> Path:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"methods: unknown {unknown}; known: {', '.join(METHODS)}")
+    if cfg.report_only:
+        return report(cfg)
     todo = cells(cfg)
     print(f"[gti.benchmark] {len(todo)} cells: " + ", ".join(f"{m}/s{s}" for m, s in todo))
     for method, seed in todo:

@@ -31,3 +31,6 @@ def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
     capsys.readouterr()
     run(cfg)  # everything finished: all cells are skipped
     assert capsys.readouterr().out.count("done, skipped") == 3
+    cfg.report_only = True
+    cfg.methods = ["mean", "gti-description", "random"]  # a method with no finished cell is left out
+    assert "random" not in json.loads((run(cfg) / "results.json").read_text())["methods"]
