@@ -94,7 +94,7 @@ def run(cfg: FinetuneConfig) -> Path:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from gti.data import Example, leave_one_out
+    from gti.data import last_per_user, leave_one_out
     from gti.diagnose import diagnose_rows, public
     from gti.io import write_json, write_jsonl
     from gti.recommender import EvalCollate, RecommenderModule, check_prompt_lengths, gather_predictions, train_rows
@@ -126,12 +126,7 @@ def run(cfg: FinetuneConfig) -> Path:
     if cfg.eval.max_users > 0:
         valid, test = valid[: cfg.eval.max_users], test[: cfg.eval.max_users]
     fmt = PromptFormatter(tokenizer)
-    train = splits["train"]
-    if cfg.train_per_user > 0:  # prefixes are stored user by user in time order: keep each user's last N
-        last: dict[int, list[Example]] = {}
-        for ex in train:
-            last.setdefault(ex.user, []).append(ex)
-        train = [ex for exs in last.values() for ex in exs[-cfg.train_per_user :]]
+    train = last_per_user(splits["train"], cfg.train_per_user) if cfg.train_per_user > 0 else splits["train"]
     rows = train_rows(ds, train, fmt, cfg, new)
     items = sorted(ds.index)
     trie = SidTrie([tokenizer.convert_tokens_to_ids(ds.index[i]) for i in items], tokenizer.eos_token_id)
@@ -159,9 +154,9 @@ def run(cfg: FinetuneConfig) -> Path:
     trainer = make_trainer(cfg.trainer, work, cfg.trainer.max_steps)
     trainer.fit(module, train_loader, val_loader if cfg.eval.valid else None, ckpt_path=run_dir.last_checkpoint(cfg.resume))
     val_result = trainer.validate(module, val_loader, verbose=False)[0] if cfg.eval.valid else {}
-    test_result = trainer.test(module, test_loader, verbose=False)
+    trainer.test(module, test_loader, verbose=False)
     preds = gather_predictions(module.predictions)
-    test_metrics = {k: float(v) for k, v in module.test_metrics.compute().items()}
+    test_metrics = dict(module.test_metrics.compute())
 
     if not trainer.is_global_zero:
         return run_dir.final
@@ -174,7 +169,6 @@ def run(cfg: FinetuneConfig) -> Path:
         "steps": trainer.global_step,
         "wall_time_s": round(time.time() - t0, 1),
     }
-    del test_result
     diag = diagnose_rows(model, tokenizer, new, ds, work, "finetuned")
     write_json(work / "metrics.json", metrics)
     write_jsonl(work / "predictions.jsonl", sorted(preds, key=lambda p: p["index"]))

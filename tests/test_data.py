@@ -76,3 +76,11 @@ def test_index_reader_rejects_bad_entries(tmp_path):
     p.write_text('{"0": ["<a_1>"]}')
     assert read_index(p) == {0: ["<a_1>"]}
     assert read_inter is not None and read_items is not None
+
+
+def test_last_per_user_keeps_the_latest_prefixes():
+    from gti.data import last_per_user
+
+    train = leave_one_out({0: list(range(7)), 1: [5, 6, 7, 8]}, max_history=20)["train"]
+    kept = last_per_user(train, 2)
+    assert [(e.user, e.target) for e in kept] == [(0, 3), (0, 4), (1, 6)]
