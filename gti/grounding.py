@@ -6,7 +6,7 @@ import lightning as L
 
 from gti.data import Dataset
 from gti.overlay import install_overlay
-from gti.setup import adamw_with_warmup, check_loss
+from gti.setup import adamw_with_warmup, lm_training_step
 from gti.templates import GROUNDING_TEMPLATES, Encoded, PromptFormatter, render, sid_string
 from gti.vocab import NewTokens
 
@@ -36,10 +36,7 @@ class GroundingModule(L.LightningModule):
             self.sampler.resume_after(checkpoint)
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
-        check_loss(loss, self.global_step, self.trainer)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        return lm_training_step(self, batch)
 
     def configure_optimizers(self):
         return adamw_with_warmup(self.parameters(), self.lr, self.weight_decay, self.warmup_steps)

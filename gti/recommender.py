@@ -9,7 +9,7 @@ from gti.config import FinetuneConfig
 from gti.data import Dataset, Example
 from gti.errors import ConfigError
 from gti.metrics import RankingMetrics, rank_of
-from gti.setup import adamw_with_warmup, check_loss
+from gti.setup import adamw_with_warmup, lm_training_step
 from gti.templates import REC_TEMPLATES, Encoded, PromptFormatter, pad_batch, render, sid_string
 from gti.trie import SidTrie, beams_to_items, constrained_beam_search
 from gti.vocab import NewTokens
@@ -29,10 +29,7 @@ class RecommenderModule(L.LightningModule):
             self.sampler.resume_after(checkpoint)
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
-        check_loss(loss, self.global_step, self.trainer)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        return lm_training_step(self, batch)
 
     def _rank(self, batch) -> tuple[list[list[int]], torch.Tensor]:
         beams = constrained_beam_search(

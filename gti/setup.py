@@ -107,12 +107,19 @@ def extend_model(
     return model, tokenizer, new
 
 
-def check_loss(loss: torch.Tensor, step: int, trainer) -> None:
+def lm_training_step(module, batch: dict) -> torch.Tensor:
+    """Next-token loss of `module.model` on a batch, logged; a NaN/inf loss stops the run (both stages)."""
+    loss = module.model(**batch).loss
     if not torch.isfinite(loss):
         from gti.errors import TrainingError
 
-        ckpt = Path(trainer.default_root_dir) / "checkpoints"
-        raise TrainingError(f"loss is {loss.item()} at step {step}; stopped. The last good checkpoint is in {ckpt} (resume=auto continues from it)")
+        ckpt = Path(module.trainer.default_root_dir) / "checkpoints"
+        raise TrainingError(
+            f"loss is {loss.item()} at step {module.global_step}; stopped. "
+            f"The last good checkpoint is in {ckpt} (resume=auto continues from it)"
+        )
+    module.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+    return loss
 
 
 def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int) -> dict:
