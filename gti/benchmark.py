@@ -90,6 +90,17 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
+def list_diversity(predictions: Path, k: int = 10) -> dict:
+    """How personal the top-k lists are: the share of users with a list nobody else got, and how many
+    distinct items appear in any top-k. A model that ignores the history gives everyone one list."""
+    lists = [tuple(json.loads(line)["items"][:k]) for line in predictions.read_text().splitlines() if line.strip()]
+    counts: dict = {}
+    for items in lists:
+        counts[items] = counts.get(items, 0) + 1
+    return {"k": k, "users": len(lists), "unique_list_share": sum(c == 1 for c in counts.values()) / max(len(lists), 1),
+            "items_covered": len({i for items in lists for i in items})}  # fmt: skip
+
+
 def collect(cfg: BenchmarkConfig) -> dict:
     out: dict = {"scale": cfg.scale, "methods": {}}
     for method in cfg.methods:
@@ -103,6 +114,7 @@ def collect(cfg: BenchmarkConfig) -> dict:
             ft = json.loads((cell / "finetune" / "gti.json").read_text())
             g = json.loads((cell / "ground" / "gti.json").read_text()) if (cell / "ground" / "gti.json").is_file() else None
             runs.append({"seed": seed, "test": ft["metrics"]["test"], "baselines": ft["metrics"]["baselines"]["test"],
+                         "lists": list_diversity(cell / "finetune" / "predictions.jsonl"),
                          "cost": {"finetune": {"wall_s": ft["metrics"]["wall_time_s"], **ft["cost"]},
                                   **({"ground": {"wall_s": g["wall_time_s"], **g["cost"]}} if g else {})},
                          "diagnostics": {**({"init": g["diagnostics"]["init"], "grounded": g["diagnostics"]["final"]} if g else {}),
@@ -113,7 +125,8 @@ def collect(cfg: BenchmarkConfig) -> dict:
         for key in runs[0]["test"]:
             if "@" in key:
                 metrics[key] = _mean_std([r["test"][key] for r in runs])
-        out["methods"][method] = {"seeds": [r["seed"] for r in runs], "metrics": metrics, "runs": runs}
+        lists = {key: _mean_std([r["lists"][key] for r in runs]) for key in ("unique_list_share", "items_covered")}
+        out["methods"][method] = {"seeds": [r["seed"] for r in runs], "metrics": metrics, "lists": lists, "runs": runs}
     first = next(iter(out["methods"].values()))["runs"][0]
     out["popularity"] = first["baselines"]["popularity"]
     out["random_list"] = first["baselines"]["random"]
@@ -138,6 +151,12 @@ def results_markdown(res: dict, ks: list[int]) -> str:
         lines.append(f"| {name} | {len(m['seeds'])} | " + " | ".join(cells_) + f" | {delta} |")
     for label, key in (("popularity", "popularity"), ("random items", "random_list")):
         lines.append(f"| *{label}* | – | " + " | ".join(f"{res[key].get(c, 0):.4f}" for c in cols) + " | |")
+    lines += ["", "## How personal the top-10 lists are (mean ± std over seeds)", "",
+              "A model that ignores the history gives every user the same list (unique share 0, 10 items covered).", "",
+              "| method | users with a list of their own | distinct items in any top-10 |", "|---|---|---|"]  # fmt: skip
+    for name, m in res["methods"].items():
+        (u, us), (c, cs) = m["lists"]["unique_list_share"], m["lists"]["items_covered"]
+        lines.append(f"| {name} | {100 * u:.0f}% ± {100 * us:.0f}% | {c:.0f} ± {cs:.0f} |")
     lines += ["", "## Diagnostics of the new-token rows (seed of the first run)", "",
               "| method | stage | effective rank | mean cosine | RSA (Spearman) |", "|---|---|---|---|---|"]  # fmt: skip
     for name, m in res["methods"].items():

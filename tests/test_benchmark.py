@@ -4,7 +4,7 @@ import json
 
 from fixtures import write_toy_dataset
 
-from gti.benchmark import BenchmarkConfig, run
+from gti.benchmark import BenchmarkConfig, list_diversity, run
 from gti.config import DataConfig, EvalConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig
 
 
@@ -25,7 +25,7 @@ def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
     for m in res["methods"].values():
         assert 0.0 <= m["metrics"]["recall@10"][0] <= 1.0
     md = (out / "results.md").read_text()
-    assert "| gti-description | 2 |" in md and "*popularity*" in md
+    assert "| gti-description | 2 |" in md and "*popularity*" in md and "list of their own" in md
     for f in ("spectra.png", "cosine_maps.png", "metrics.png"):
         assert (out / f).is_file()
     capsys.readouterr()
@@ -34,3 +34,13 @@ def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
     cfg.report_only = True
     cfg.methods = ["mean", "gti-description", "random"]  # a method with no finished cell is left out
     assert "random" not in json.loads((run(cfg) / "results.json").read_text())["methods"]
+
+
+def test_list_diversity_tells_one_list_for_all_from_personal_lists(tmp_path):
+    same, personal = tmp_path / "same.jsonl", tmp_path / "personal.jsonl"
+    same.write_text("".join(json.dumps({"index": u, "items": [1, 2, 3]}) + "\n" for u in range(4)))
+    personal.write_text("".join(json.dumps({"index": u, "items": [u, u + 1, 9]}) + "\n" for u in range(3))
+                        + json.dumps({"index": 3, "items": [0, 1, 9]}) + "\n")  # fmt: skip
+    assert list_diversity(same, k=3) == {"k": 3, "users": 4, "unique_list_share": 0.0, "items_covered": 3}
+    d = list_diversity(personal, k=2)  # lists cut at k: (0,1) twice, (1,2), (2,3)
+    assert d["unique_list_share"] == 0.5 and d["items_covered"] == 4
