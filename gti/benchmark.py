@@ -127,9 +127,12 @@ def collect(cfg: BenchmarkConfig) -> dict:
                 metrics[key] = _mean_std([r["test"][key] for r in runs])
         lists = {key: _mean_std([r["lists"][key] for r in runs]) for key in ("unique_list_share", "items_covered")}
         out["methods"][method] = {"seeds": [r["seed"] for r in runs], "metrics": metrics, "lists": lists, "runs": runs}
+    if not out["methods"]:
+        raise ConfigError(f"output_dir: no finished cell under {cfg.output_dir} to report on; run the benchmark first")
     first = next(iter(out["methods"].values()))["runs"][0]
     out["popularity"] = first["baselines"]["popularity"]
     out["random_list"] = first["baselines"]["random"]
+    out["test_users"] = first["lists"]["users"]
     return out
 
 
@@ -137,9 +140,11 @@ def results_markdown(res: dict, ks: list[int]) -> str:
     cols = [f"{m}@{k}" for k in ks for m in ("recall", "ndcg")]
     base = res["methods"].get("mean", {}).get("metrics", {})
     lines = [
-        f"# gti benchmark ({res['scale']} scale)",
+        f"# gti benchmark, scale: {res['scale']}",
         "",
         "Test split, mean ± std over seeds; Δ = relative change of mean over `mean` init.",
+        "",
+        _resolution(res),
         "",
         "| method | seeds | " + " | ".join(cols) + " | Δ recall@10 |",
         "|---|---|" + "---|" * len(cols) + "---|",
@@ -169,6 +174,13 @@ def results_markdown(res: dict, ks: list[int]) -> str:
         for stage, c in m["runs"][0]["cost"].items():
             lines.append(f"| {name} | {stage} | {c['wall_s']:.0f} | {c['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _resolution(res: dict) -> str:
+    """What the number of test users can resolve: one hit, and the binomial standard error at popularity's recall@10."""
+    n, p = res["test_users"], res["popularity"].get("recall@10", 0.0)
+    return (f"{n} test users: one hit moves recall by {1 / n:.4f}; the binomial standard error of a recall@10 "
+            f"near popularity's ({p:.4f}) is ±{math.sqrt(p * (1 - p) / n):.4f}.")  # fmt: skip
 
 
 def plots(cfg: BenchmarkConfig, res: dict, out: Path) -> None:
