@@ -147,6 +147,7 @@ class FinetuneConfig:
     templates: list[int] = field(default_factory=lambda: [0, 1, 2])  # the paper's three rec templates
     multitask: bool = False  # mix in the text<->SID grounding tasks (LC-Rec multi-task baseline)
     train_per_user: int = 0  # >0: keep only each user's last N training prefixes (CPU-scale runs)
+    history_loss: bool = False  # also supervise each history SID from the items before it (see recommender.py)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.01, batch_size=8))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -126,7 +126,9 @@ def run(cfg: FinetuneConfig) -> Path:
     if cfg.eval.max_users > 0:
         valid, test = valid[: cfg.eval.max_users], test[: cfg.eval.max_users]
     fmt = PromptFormatter(tokenizer)
-    train = last_per_user(splits["train"], cfg.train_per_user) if cfg.train_per_user > 0 else splits["train"]
+    train = splits["train"]
+    if cfg.train_per_user > 0:  # with history_loss, windows max_history apart: each item is a target once
+        train = last_per_user(train, cfg.train_per_user, max(cfg.data.max_history, 1) if cfg.history_loss else 1)
     rows = train_rows(ds, train, fmt, cfg, new)
     items = sorted(ds.index)
     trie = SidTrie([tokenizer.convert_tokens_to_ids(ds.index[i]) for i in items], tokenizer.eos_token_id)

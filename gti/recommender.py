@@ -67,9 +67,23 @@ def rec_prompt(ds: Dataset, ex: Example, template: int) -> tuple[str, str]:
     return render(REC_TEMPLATES[template], history=history, sid=sid_string(ds.index[ex.target]))
 
 
+def supervise_history(enc: Encoded, first_item_len: int, new_start: int) -> Encoded:
+    """Label every history SID token after the first item's: each history item becomes a target given
+    the items before it. One row then teaches len(history) next-item steps for the price of one."""
+    labels, seen = list(enc.labels), 0
+    for j, t in enumerate(enc.input_ids):
+        if labels[j] == -100 and t >= new_start:
+            seen += 1
+            if seen > first_item_len:
+                labels[j] = t
+    return Encoded(enc.input_ids, labels)
+
+
 def train_rows(ds: Dataset, train: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig, new: NewTokens) -> list:
     # the paper's three phrasings, one per example in turn
     rows = [fmt.encode(*rec_prompt(ds, ex, cfg.templates[ex.index % len(cfg.templates)]), cfg.max_length) for ex in train]
+    if cfg.history_loss:
+        rows = [supervise_history(r, len(ds.index[ex.history[0]]), new.start) for r, ex in zip(rows, train)]
     if cfg.multitask:  # LC-Rec multi-task baseline: also learn text <-> SID
         from gti.grounding import grounding_examples
         from gti.templates import GROUNDING_TEMPLATES

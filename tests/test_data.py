@@ -84,3 +84,11 @@ def test_last_per_user_keeps_the_latest_prefixes():
     train = leave_one_out({0: list(range(7)), 1: [5, 6, 7, 8]}, max_history=20)["train"]
     kept = last_per_user(train, 2)
     assert [(e.user, e.target) for e in kept] == [(0, 3), (0, 4), (1, 6)]
+
+
+def test_last_per_user_with_stride_tiles_the_sequence():
+    from gti.data import last_per_user
+
+    train = leave_one_out({0: list(range(12))}, max_history=3)["train"]
+    kept = last_per_user(train, 3, stride=3)  # each window's target is the next window's first history item
+    assert [(e.history, e.target) for e in kept] == [((0, 1, 2), 3), ((3, 4, 5), 6), ((6, 7, 8), 9)]

@@ -49,3 +49,18 @@ def test_pad_batch_left_and_right(tokenizer):
     left = pad_batch(rows, 0, left=True)
     assert right["attention_mask"][0, 0] == 1 and left["attention_mask"][0, -1] == 1
     assert left["attention_mask"][0, 0] == 0 and (right["labels"][0, right["attention_mask"][0] == 0] == -100).all()
+
+
+def test_history_loss_supervises_each_history_item_after_the_first(tokenizer):
+    from gti.recommender import supervise_history
+
+    new = add_tokens(tokenizer, ["<a_0>", "<a_1>", "<b_0>", "<b_1>"], [["x"]] * 4)
+    fmt = PromptFormatter(tokenizer)
+    prompt, response = render(REC_TEMPLATES[0], history="<a_0><b_1>,<a_1><b_0>,<a_0><b_0>", sid="<a_1><b_1>")
+    plain = fmt.encode(prompt, response, max_length=128)
+    enc = supervise_history(plain, 2, new.start)
+    assert enc.input_ids == plain.input_ids
+    history_targets = tokenizer.convert_tokens_to_ids(["<a_1>", "<b_0>", "<a_0>", "<b_0>"])
+    assert [t for t in enc.labels if t != -100] == history_targets + [t for t in plain.labels if t != -100]
+    assert all(lab in (-100, tok) for lab, tok in zip(enc.labels, enc.input_ids))  # labels stay on their own token
+
