@@ -72,6 +72,24 @@ def test_ground_then_finetune(tmp_path, ground_run):
     assert (ft / "model" / "config.json").is_file()
 
 
+def test_finetune_with_history_loss_on_tiling_windows(tmp_path, ground_run):
+    from gti.finetune import run as finetune
+
+    out, _ = ground_run
+    cfg = FinetuneConfig(
+        init_from=str(out),
+        history_loss=True,
+        train_per_user=2,
+        data=DataConfig(name="toy", root=str(tmp_path / "data"), max_history=3),
+        optim=OptimConfig(lr=1e-3, batch_size=4),
+        trainer=tiny_trainer(3),
+        eval=EvalConfig(num_beams=5, ks=[1, 5], batch_size=4),
+        output_dir=str(tmp_path / "ft-history"),
+    )
+    metrics = json.loads((finetune(cfg) / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["test"]["count"] == 9
+
+
 def test_finetune_rejects_folder_that_is_not_stage1(tmp_path):
     from gti.errors import ConfigError
     from gti.finetune import run as finetune
