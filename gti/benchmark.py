@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from gti.config import FinetuneConfig, GroundConfig, load_config
 from gti.errors import ConfigError
+from gti.finetune import eval_problems
 from gti.io import atomic_write_text, write_json
 
 # method -> (stage-1 init or None for no grounding, stage-2 init, multitask)
@@ -117,7 +118,7 @@ def collect(cfg: BenchmarkConfig) -> dict:
                          "lists": list_diversity(cell / "finetune" / "predictions.jsonl"),
                          "cost": {"finetune": {"wall_s": ft["metrics"]["wall_time_s"], **ft["cost"]},
                                   **({"ground": {"wall_s": g["wall_time_s"], **g["cost"]}} if g else {})},
-                         "diagnostics": {**({"init": g["diagnostics"]["init"], "grounded": g["diagnostics"]["final"]} if g else {}),
+                         "diagnostics": {**({"init": g["diagnostics"]["init"], "grounded": g["diagnostics"]["final"]} if g and g["diagnostics"] else {}),
                                          "finetuned": ft["diagnostics"]}})  # fmt: skip
         if not runs:
             continue
@@ -224,12 +225,34 @@ def new_rows_from_run(run: Path):
         return f.get_slice(key)[start : start + n].to(torch.float32)
 
 
+def check_same_sids(cfg: BenchmarkConfig) -> None:
+    """Grounded and ungrounded methods are compared on one SID index: when any method grounds, the
+    ground and finetune sections must name the same dataset and SID settings (else the second stage
+    to run would stop at the index the first one built, see gti.sids)."""
+    from gti.sids import quantizer_settings
+    from gti.sids_guard import settings_diff
+
+    if not any(METHODS[m][0] is not None for m in cfg.methods):
+        return  # the ground section is unused
+    g, f = cfg.ground, cfg.finetune
+    problems = [f"ground.data.{k}={getattr(g.data, k)} vs finetune.data.{k}={getattr(f.data, k)}"
+                for k in ("name", "root") if getattr(g.data, k) != getattr(f.data, k)]  # fmt: skip
+    diff = settings_diff(quantizer_settings(g.sids), quantizer_settings(f.sids))
+    problems += [f"ground.sids.{k}={a} vs finetune.sids.{k}={b}" for k, (a, b) in diff.items()]
+    if problems:
+        raise ConfigError("ground and finetune must use the same dataset and SIDs:\n  - " + "\n  - ".join(problems))
+
+
 def run(cfg: BenchmarkConfig) -> Path:
     unknown = [m for m in cfg.methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"methods: unknown {unknown}; known: {', '.join(METHODS)}")
     if cfg.report_only:
         return report(cfg)
+    problems = eval_problems(cfg.finetune.eval)  # every cell shares it: fail now, not after the first grounding
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(f"finetune.{p}" for p in problems))
+    check_same_sids(cfg)
     todo = cells(cfg)
     print(f"[gti.benchmark] {len(todo)} cells: " + ", ".join(f"{m}/s{s}" for m, s in todo))
     for method, seed in todo:

@@ -26,7 +26,7 @@ class DataConfig:
     name: str = "ml-100k"  # dataset folder under `root` (prepared on demand for ml-100k / ml-1m)
     root: str = "data"
     max_history: int = 20  # history truncated to the last N items
-    max_items: int = 0  # >0: keep only users whose items are all among the first N item ids (demo)
+    max_items: int = 0  # >0: keep only users whose items are all among the first N item ids (whole users, demo)
     max_users: int = 0  # >0: keep the first N users (demo / smoke runs)
 
 
@@ -41,7 +41,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
     log_every_n_steps: int = 5
-    val_check_interval: float = 1.0
+    val_check_interval: float = 1.0  # validation during fit: a fraction of an epoch (<= 1) or every N batches (> 1)
     num_workers: int = 0
     checkpoint_every: int = 0  # >0: also write checkpoints/last.ckpt every N steps (resume=auto continues)
 
@@ -116,7 +116,10 @@ class GroundConfig:
     output_dir: str = "runs/ground"
     seed: int = 0
     resume: str = "never"  # never | auto
-    diagnostics: bool = True
+    diagnostics: bool = True  # spectra, effective rank, cosine maps and RSA of the new rows before and after grounding
+
+
+EVAL_PRECISIONS = ("fp32", "bf16")  # EvalConfig.precision
 
 
 @dataclass
@@ -126,10 +129,16 @@ class EvalConfig:
     batch_size: int = 16
     max_users: int = 0  # >0: evaluate the first N users only (CPU demos)
     valid: bool = True  # false: skip the validation split (test only; e.g. benchmark cells)
+    # ranking arithmetic, whatever trainer.precision is: fp32 (default; bf16 logits reorder close beams,
+    # design.md §10) | bf16 (bf16 autocast: faster on GPUs, approximate ranks). Recorded in metrics.json.
+    precision: str = "fp32"
 
 
 @dataclass
 class LoraConfig:
+    # enabled: LoRA on q/k/v/o/gate/up/down_proj, plus the new SID rows of embedding and head trained
+    # through the grounding overlay (one table when tied, so the model stays tied); old rows and
+    # everything else frozen. Not peft modules_to_save, which unties a tied model (design.md §10).
     enabled: bool = False
     r: int = 8
     alpha: int = 32

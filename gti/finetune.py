@@ -14,9 +14,13 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gti.config import FinetuneConfig, load_config, to_yaml
+from gti.config import EVAL_PRECISIONS, EvalConfig, FinetuneConfig, load_config, to_yaml
 from gti.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gti.vocab import NewTokens
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -58,15 +62,53 @@ def load_stage1(cfg: FinetuneConfig):
     return model, tokenizer, ds, NewTokens(nt["tokens"], nt["start"], [[] for _ in nt["tokens"]]), meta
 
 
-def apply_lora(model, cfg: FinetuneConfig):
+def apply_lora(model, cfg: FinetuneConfig, new: NewTokens):
+    """LoRA adapters on the attention/MLP projections; the new rows train through the grounding overlay.
+
+    Not peft's `modules_to_save=[embed_tokens, lm_head]`: that gives each its own full copy, so a tied
+    model trains two drifting tables and merges untied (design.md §10). The overlay (gti/overlay.py)
+    holds one (n, d) table of the new rows for a tied model, two for an untied one; old rows stay frozen.
+    """
     from peft import LoraConfig, get_peft_model
 
+    from gti.overlay import install_overlay
+
+    rows = install_overlay(model, new.start, len(new))  # freezes the model, returns the new-row table(s)
     lc = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        modules_to_save=["embed_tokens", "lm_head"],  # paper: embeddings + head trainable
     )  # fmt: skip
-    return get_peft_model(model, lc)
+    model = get_peft_model(model, lc)  # leaves only lora_* parameters trainable ...
+    for p in rows:
+        p.requires_grad_(True)  # ... so the new rows are switched back on
+    return model
+
+
+def merge_lora(model):
+    """The plain HF model: LoRA deltas merged into the projections, overlay rows into embedding / head."""
+    from gti.overlay import merge_overlay
+
+    model = model.merge_and_unload()
+    merge_overlay(model)  # a tied model stays tied: the rows go into its one shared matrix
+    return model
+
+
+def eval_problems(ev: EvalConfig) -> list[str]:
+    """What is wrong with the eval section, checked before any compute (also by gti.benchmark / gti.protocol)."""
+    problems = []
+    if ev.num_beams < 1:
+        problems.append(f"eval.num_beams={ev.num_beams}: must be >= 1")
+    if not ev.ks or min(ev.ks) < 1:
+        problems.append(f"eval.ks={list(ev.ks)}: needs one or more cut-offs >= 1")
+    elif max(ev.ks) > ev.num_beams:
+        k = max(ev.ks)
+        problems.append(
+            f"eval.ks: K={k} exceeds eval.num_beams={ev.num_beams}; beam search returns at most num_beams "
+            f"items, so Recall@{k} would be capped; raise eval.num_beams to >= {k}"
+        )
+    if ev.precision not in EVAL_PRECISIONS:
+        problems.append(f"eval.precision={ev.precision!r}: choose one of {', '.join(EVAL_PRECISIONS)}")
+    return problems
 
 
 def baselines(ds, train_inter: dict, examples: list, ks: list[int], seed: int) -> dict:
@@ -91,6 +133,9 @@ def baselines(ds, train_inter: dict, examples: list, ks: list[int], seed: int) -
 
 
 def run(cfg: FinetuneConfig) -> Path:
+    problems = eval_problems(cfg.eval)
+    if problems:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -143,12 +188,12 @@ def run(cfg: FinetuneConfig) -> Path:
     test_loader = DataLoader(test, batch_size=cfg.eval.batch_size, collate_fn=collate)
 
     if cfg.lora.enabled:
-        model = apply_lora(model, cfg)
+        model = apply_lora(model, cfg, new)
     module = RecommenderModule(model, tokenizer, trie, cfg, sampler=sampler)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
         f"[gti.finetune] {len(ds.inter)} users, {ds.num_items} items, {len(rows)} training rows, "
-        f"{len(valid)} valid / {len(test)} test users, beam {cfg.eval.num_beams}\n"
+        f"{len(valid)} valid / {len(test)} test users, beam {cfg.eval.num_beams}, ranked in {cfg.eval.precision}\n"
         f"[gti.finetune] trainable parameters: {trainable:,}{' (LoRA)' if cfg.lora.enabled else ''}\n"
         f"[gti.finetune] example: {tokenizer.decode(rows[0].input_ids)!r}"
     )
@@ -163,11 +208,12 @@ def run(cfg: FinetuneConfig) -> Path:
     if not trainer.is_global_zero:
         return run_dir.final
     if cfg.lora.enabled:
-        model = model.merge_and_unload()
+        model = merge_lora(model)
     metrics = {
         "valid": {k.removeprefix("val/"): v for k, v in val_result.items()},
         "test": test_metrics,
         "baselines": {"test": baselines(ds, {u: s[:-2] for u, s in ds.inter.items()}, test, cfg.eval.ks, cfg.seed)},
+        "eval_precision": cfg.eval.precision,  # ranking arithmetic (eval.precision), not trainer.precision
         "steps": trainer.global_step,
         "wall_time_s": round(time.time() - t0, 1),
     }

@@ -73,7 +73,7 @@ def run(cfg: GroundConfig) -> Path:
         num_workers=cfg.trainer.num_workers, collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id),
     )  # fmt: skip
     old_rows = model.get_input_embeddings().weight.detach()[: new.start].clone()
-    diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init") if global_rank() == 0 else {}
+    diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init") if cfg.diagnostics and global_rank() == 0 else {}
     module = GroundingModule(model, new, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, sampler=sampler)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
@@ -98,12 +98,12 @@ def run(cfg: GroundConfig) -> Path:
 
     # evaluate (diagnostics) + save
     if trainer.is_global_zero:
-        diag = diagnose_rows(model, tokenizer, new, ds, work, "final", before=diag_init)
+        diag = diagnose_rows(model, tokenizer, new, ds, work, "final", before=diag_init) if cfg.diagnostics else {}
         save_hf(model, tokenizer, work / "model")
         write_metadata(work, run_metadata(
             "ground", cfg, ds, new, trainable_parameters=trainable, grounding_examples=len(examples),
             steps=trainer.global_step, wall_time_s=round(time.time() - t0, 1),
-            final_loss=_last_loss(trainer), diagnostics={"init": public(diag_init), "final": public(diag)},
+            final_loss=_last_loss(trainer), diagnostics={"init": public(diag_init), "final": public(diag)} if cfg.diagnostics else {},
         ))  # fmt: skip
         out = run_dir.finish()
         print(f"[gti.ground] done in {time.time() - t0:.0f}s -> {out}")

@@ -7,7 +7,7 @@ import lightning as L
 from gti.data import Dataset
 from gti.overlay import install_overlay
 from gti.setup import adamw_with_warmup, lm_training_step
-from gti.templates import GROUNDING_TEMPLATES, Encoded, PromptFormatter, render, sid_string
+from gti.templates import GROUNDING_TEMPLATES, Encoded, PromptFormatter, sid_string
 from gti.vocab import NewTokens
 
 TOKEN_TEMPLATES = {  # for tokens.jsonl entries (domain words, special tokens, another language)
@@ -47,8 +47,12 @@ class GroundingModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
 
-def grounding_examples(ds: Dataset, new: NewTokens, fmt: PromptFormatter, templates: list[str], max_length: int) -> list[Encoded]:
+def grounding_examples(
+    ds: Dataset, new: NewTokens, fmt: PromptFormatter, templates: list[str], max_length: int, stage: str = "gti.ground"
+) -> list[Encoded]:
+    # rows too long lose free text (description, then title), never their SID or token (design.md §10)
     rows: list[Encoded] = []
+    shortened = 0
     for item in sorted(ds.items):
         meta = ds.items[item]
         fields = {
@@ -57,11 +61,20 @@ def grounding_examples(ds: Dataset, new: NewTokens, fmt: PromptFormatter, templa
             "sid": sid_string(ds.index[item]),
         }
         for name in templates:
-            rows.append(fmt.encode(*render(GROUNDING_TEMPLATES[name], **fields), max_length))
+            row, cut = fmt.encode_fields(GROUNDING_TEMPLATES[name], fields, max_length, f"item {item}: the {name} row")
+            rows.append(row)
+            shortened += cut
     sid_set = {t for toks in ds.index.values() for t in toks}
     for token, descs in zip(new.tokens, new.descriptions):
         if token in sid_set:
             continue
-        for template in TOKEN_TEMPLATES.values():
-            rows.append(fmt.encode(*render(template, token=token, description=descs[0]), max_length))
+        for name, template in TOKEN_TEMPLATES.items():
+            fields = {"token": token, "description": descs[0]}
+            row, cut = fmt.encode_fields(template, fields, max_length, f"token {token}: the {name} row")
+            rows.append(row)
+            shortened += cut
+    print(
+        f"[{stage}] {shortened} of {len(rows)} grounding rows shortened to fit max_length={max_length} "
+        "(description/title trimmed); every row keeps its SID, chat frame and EOS"
+    )
     return rows

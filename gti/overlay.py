@@ -43,8 +43,10 @@ class NewRowsHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.base(h)  # (B, T, V); columns of the new ids are stale here
-        new = F.linear(h, self.rows.to(h.dtype))  # (B, T, n)
         end = self.start + self.rows.shape[0]
+        b = getattr(self.base, "bias", None)
+        bias = None if b is None else b[self.start : end].to(h.dtype)  # heads with a bias (Phi)
+        new = F.linear(h, self.rows.to(h.dtype), bias)  # (B, T, n)
         return torch.cat([logits[..., : self.start], new, logits[..., end:]], dim=-1)
 
 

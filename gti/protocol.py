@@ -23,6 +23,7 @@ from typing import Any
 
 from gti.config import FinetuneConfig, GroundConfig, PrepareConfig, SidsConfig, load_config
 from gti.errors import ConfigError, GtiError
+from gti.finetune import eval_problems
 from gti.importers import amazon, lcrec, minionerec, p5
 from gti.prepare import IMPORTERS, output_name
 
@@ -158,6 +159,28 @@ SCHEMAS = {
 }
 
 
+def sid_problems(steps: list[tuple[str, list[str]]]) -> list[str]:
+    """The stages' `sids` sections (from ground_config / finetune_config) must describe the index the
+    gti.sids step builds: a stage stops at an index built with other settings (see gti.sids)."""
+    from gti.sids import quantizer_settings
+    from gti.sids_guard import settings_diff
+
+    problems = []
+    try:
+        built = quantizer_settings(load_config(SidsConfig, dict(steps)["gti.sids"]))
+    except ConfigError:
+        return []  # reported with the stage's arguments
+    for module, argv in steps:
+        if module in ("gti.ground", "gti.finetune"):
+            try:
+                diff = settings_diff(built, quantizer_settings(load_config(SCHEMAS[module], argv).sids))
+            except ConfigError:
+                continue
+            problems += [f"{module} ({argv[0]}): sids.{k}={b}, but the gti.sids step builds {k}={a}; "
+                         f"set the same sids values in both stage configs" for k, (a, b) in diff.items()]  # fmt: skip
+    return problems
+
+
 def check(cfg: ProtocolConfig, steps: list[tuple[str, list[str]]]) -> tuple[list[str], list[str]]:
     """(report lines, problems): every problem found, not just the first (style.md §4)."""
     lines, problems = [], []
@@ -166,9 +189,12 @@ def check(cfg: ProtocolConfig, steps: list[tuple[str, list[str]]]) -> tuple[list
         problems.append(f"arms: {bad_arms or 'empty'}; choose from {', '.join(ARMS)}")
     for module, argv in steps:  # each stage parses its own arguments exactly as it will at run time
         try:
-            load_config(SCHEMAS[module], argv)
+            stage = load_config(SCHEMAS[module], argv)
         except ConfigError as e:
             problems.append(f"{module}: {e}")
+            continue
+        if module == "gti.finetune":
+            problems += [f"{module}: {p}" for p in eval_problems(stage.eval)]
     p = cfg.prepare
     if cfg.sids.imported and p.dataset != "lcrec":
         problems.append(
@@ -197,6 +223,8 @@ def check(cfg: ProtocolConfig, steps: list[tuple[str, list[str]]]) -> tuple[list
                     problems.append(f"{path}: no records")
         except GtiError as e:
             problems.append(str(e))
+    if not cfg.sids.imported:
+        problems += sid_problems(steps)
     return lines, problems
 
 

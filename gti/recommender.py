@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import lightning as L
 import torch
 
-from gti.config import FinetuneConfig
+from gti.config import EVAL_PRECISIONS, FinetuneConfig
 from gti.data import Dataset, Example
 from gti.errors import ConfigError
 from gti.metrics import RankingMetrics, rank_of
@@ -13,6 +15,33 @@ from gti.setup import adamw_with_warmup, lm_training_step
 from gti.templates import REC_TEMPLATES, Encoded, PromptFormatter, pad_batch, render, sid_string
 from gti.trie import SidTrie, beams_to_items, constrained_beam_search
 from gti.vocab import NewTokens
+
+
+@contextlib.contextmanager
+def ranking_precision(model, precision: str):
+    """Run the ranking forwards in `precision`, whatever trainer.precision set up (design.md §10).
+
+    Lightning runs validation_step / test_step under the training precision: bf16 autocast (bf16-mixed),
+    or bf16 weights with bf16 as torch's default dtype (bf16-true). bf16 logits move an SID's score by
+    0.3-0.5 nats while neighbouring beams are 0.04-0.19 apart, so ranks then depend on the training
+    precision. "fp32" turns autocast off and upcasts low-precision weights for the search (exact; twice
+    their memory meanwhile), casting them back after; "bf16" autocasts to bf16 on every run alike.
+    """
+    if precision not in EVAL_PRECISIONS:
+        raise ConfigError(f"eval.precision={precision!r}: choose one of {', '.join(EVAL_PRECISIONS)}")
+    first = next(model.parameters())
+    device, weights, default = first.device.type, first.dtype, torch.get_default_dtype()
+    upcast = precision == "fp32" and weights != torch.float32
+    torch.set_default_dtype(torch.float32)  # beam scores are summed in tensors of the default dtype
+    try:
+        if upcast:
+            model.float()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        if upcast:
+            model.to(weights)
+        torch.set_default_dtype(default)
 
 
 class RecommenderModule(L.LightningModule):
@@ -32,10 +61,11 @@ class RecommenderModule(L.LightningModule):
         return lm_training_step(self, batch)
 
     def _rank(self, batch) -> tuple[list[list[int]], torch.Tensor]:
-        beams = constrained_beam_search(
-            self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.trie,
-            num_beams=self.cfg.eval.num_beams, num_return=self.cfg.eval.num_beams,
-        )  # fmt: skip
+        with ranking_precision(self.model, self.cfg.eval.precision):  # not the training precision's autocast
+            beams = constrained_beam_search(
+                self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.trie,
+                num_beams=self.cfg.eval.num_beams, num_return=self.cfg.eval.num_beams,
+            )  # fmt: skip
         items = beams_to_items(beams, self.trie)
         ranks = torch.tensor([rank_of(int(t), its) for t, its in zip(batch["target"], items)], device=self.device)
         return items, ranks
@@ -80,7 +110,10 @@ def supervise_history(enc: Encoded, first_item_len: int, new_start: int) -> Enco
 
 
 def train_rows(ds: Dataset, train: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig, new: NewTokens) -> list:
-    # the paper's three phrasings, one per example in turn
+    # the paper's three phrasings, one per example in turn; rec rows have no free text to shorten, so
+    # a history too long is an error named here, before encode() would raise on it
+    if train:
+        check_prompt_lengths(ds, train, fmt, cfg)
     rows = [fmt.encode(*rec_prompt(ds, ex, cfg.templates[ex.index % len(cfg.templates)]), cfg.max_length) for ex in train]
     if cfg.history_loss:
         rows = [supervise_history(r, len(ds.index[ex.history[0]]), new.start) for r, ex in zip(rows, train)]
@@ -88,7 +121,7 @@ def train_rows(ds: Dataset, train: list[Example], fmt: PromptFormatter, cfg: Fin
         from gti.grounding import grounding_examples
         from gti.templates import GROUNDING_TEMPLATES
 
-        rows += grounding_examples(ds, new, fmt, list(GROUNDING_TEMPLATES), cfg.max_length)
+        rows += grounding_examples(ds, new, fmt, list(GROUNDING_TEMPLATES), cfg.max_length, stage="gti.finetune")
     return rows
 
 
@@ -112,13 +145,16 @@ class EvalCollate:
 
 
 def check_prompt_lengths(ds: Dataset, examples: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig) -> None:
-    """Histories (after max_history) must fit the context: fail clearly instead of cutting prompts."""
-    longest = max(examples, key=lambda ex: len(ex.history))
-    n = len(fmt.prompt_ids(rec_prompt(ds, longest, cfg.templates[0])[0])) + max(len(s) for s in ds.index.values()) + 1
+    """Histories (after max_history) must fit the context under every configured template (training
+    uses them all, one per example): fail clearly instead of cutting prompts."""
+    longest = max(examples, key=lambda ex: sum(len(ds.index[i]) + 1 for i in ex.history))  # SID tokens + separators
+    target = max(len(s) for s in ds.index.values()) + 1  # the longest SID + EOS
+    n, t = max((len(fmt.prompt_ids(rec_prompt(ds, longest, t)[0])) + target, t) for t in cfg.templates)
     if n > cfg.max_length:
         raise ConfigError(
             f"max_length={cfg.max_length} is too short: user {longest.user}'s history of {len(longest.history)} items "
-            f"needs {n} tokens; raise max_length or lower data.max_history={cfg.data.max_history}"
+            f"needs {n} tokens with rec template {t}; raise max_length to at least {n} "
+            f"or lower data.max_history={cfg.data.max_history}"
         )
 
 

@@ -22,7 +22,8 @@ PACKAGED = ("ml-100k", "ml-1m")
 
 
 def ensure_dataset(data: DataConfig, sids: SidsConfig) -> Dataset:
-    """Load data/NAME with its SID index; prepare MovieLens and build SIDs on demand (cached)."""
+    """Load data/NAME with its SID index; prepare MovieLens and build a missing index on demand.
+    An existing index built with other settings than `sids` is a ConfigError (only sids.force=true rebuilds)."""
     if not dataset_file(data.root, data.name, "inter").is_file():
         if data.name not in PACKAGED:
             raise ConfigError(
@@ -33,21 +34,27 @@ def ensure_dataset(data: DataConfig, sids: SidsConfig) -> Dataset:
         from gti.prepare import run as prepare
 
         prepare(PrepareConfig(dataset=data.name, root=data.root))
-    if data.name in PACKAGED or not dataset_file(data.root, data.name, "index").is_file():
-        from gti.sids import run as build_sids
+    from gti.sids import run as build_sids
 
-        sids.data = data
-        build_sids(sids)  # skipped when texts, encoder and quantiser settings are unchanged
+    sids.data = data
+    # builds a missing index; an existing one is used only when it matches `sids` (or was imported,
+    # or has no report): a stage never replaces an index that finished runs depend on (design.md §10)
+    build_sids(sids, stage=True)
     ds = load_dataset(data.root, data.name, need_index=True)
     return subset(ds, data.max_users, data.max_items)
 
 
 def subset(ds: Dataset, max_users: int, max_items: int) -> Dataset:
-    """Smaller slices for demos and tests; SIDs and items stay whole so the trie is the real one."""
+    """Smaller slices for demos and tests; SIDs and items stay whole so the trie is the real one.
+
+    max_items keeps whole users (those whose every item is among the first N ids): dropping items from
+    the middle of a sequence would invent transitions the user never made.
+    """
     inter = ds.inter
     if max_items > 0:
-        inter = {u: [i for i in s if i < max_items] for u, s in inter.items()}
-        inter = {u: s for u, s in inter.items() if len(s) >= 3}
+        inter = {u: s for u, s in inter.items() if max(s, default=max_items) < max_items and len(s) >= 3}
+        if not inter:
+            raise ConfigError(f"data.max_items={max_items}: no user of {ds.name} has all items below it; raise it or use 0")
     if max_users > 0:
         inter = {u: inter[u] for u in sorted(inter)[:max_users]}
     return Dataset(ds.name, ds.root, inter, ds.items, ds.index)
@@ -139,6 +146,9 @@ def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: lis
     if strategy == "auto" and t.devices > 1:
         strategy = "ddp"  # multi-GPU is one line (style.md §11)
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=t.checkpoint_every or None)
+    # validation during fit: a fraction of each epoch, or every N training batches counted across epochs
+    every_n = t.val_check_interval > 1
+    val = dict(val_check_interval=int(t.val_check_interval), check_val_every_n_epoch=None) if every_n else dict(val_check_interval=t.val_check_interval)
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -154,6 +164,7 @@ def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: lis
         default_root_dir=run_dir,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        **val,
         **kw,
     )
 

@@ -10,6 +10,13 @@ into data/NAME/:
   NAME.codebooks.npy       (levels, codes, d) codebooks (d = embedding dim for rqkmeans, code dim for rqvae)
 A second run with the same inputs (item texts, encoder, quantiser settings) is skipped; force=true rebuilds.
 
+An index on disk is never replaced silently (design.md §10): runs grounded on it record its hash.
+Other quantiser settings than the report records are an error naming each setting (on disk vs
+requested) unless force=true; changed item texts or outputs that differ from the report are rebuilt.
+The stages (gti.ground / gti.finetune, via `gti.setup.ensure_dataset`) build a missing index, use a
+matching, imported or unreported one, and stop with a message for any other (only sids.force=true
+rebuilds). The full table is in gti/sids_guard.py.
+
 Import: `python -m gti.sids import_index=PATH [repair=true]` validates a foreign index.json against
 item.json, reports collisions, appends a dedup level when repair=true and writes NAME.index.json.
 """
@@ -44,6 +51,7 @@ from gti.quantize import (
     to_tokens,
     usage_report,
 )
+from gti.sids_guard import use_existing
 
 SCHEMA_VERSION = 1
 PACKAGED = ("ml-100k", "ml-1m")  # prepared on demand
@@ -139,7 +147,8 @@ def load_items(cfg: SidsConfig) -> dict[int, dict]:
 
 
 def quantizer_settings(cfg: SidsConfig) -> dict:
-    """Everything that changes the SIDs besides the texts (hashed; a change triggers a rebuild)."""
+    """Everything that changes the SIDs besides the texts (hashed and recorded in the report; an index
+    built with other settings is replaced only with force=true)."""
     s = {"schema_version": SCHEMA_VERSION, "encoder": encoder_tag(cfg), "quantizer": cfg.quantizer,
          "levels": cfg.levels, "codes": cfg.codes, "seed": cfg.seed, "kmeans_iters": cfg.kmeans_iters,
          "kmeans_balanced": cfg.kmeans_balanced}  # fmt: skip
@@ -228,7 +237,9 @@ def quantize(X: np.ndarray, cfg: SidsConfig) -> tuple[np.ndarray, list[np.ndarra
     return codes, books, []
 
 
-def run(cfg: SidsConfig) -> dict:
+def run(cfg: SidsConfig, stage: bool = False) -> dict:
+    """Build data/NAME's SIDs, or skip when the index on disk matches. stage=True (ensure_dataset):
+    an existing index is never rebuilt (unless force), and config keys are named `sids.<key>`."""
     check_config(cfg)
     if cfg.import_index:
         return import_index(cfg)
@@ -243,13 +254,8 @@ def run(cfg: SidsConfig) -> dict:
         input_hash = text_sha256(json.dumps({"texts": t_hash, **settings}, sort_keys=True))
     report_path, index_path = dataset_file(root, name, "sids_report"), dataset_file(root, name, "index")
     old = _read_report(report_path)
-    if not cfg.force and old and index_path.is_file():
-        if old.get("quantizer") == "imported":
-            print(f"[gti.sids] {index_path} was imported from {old.get('source')}; skipped (force=true rebuilds it)")
-            return {**old, "skipped": True}
-        if old.get("input_hash") == input_hash and _outputs_intact(cfg, old):
-            print(f"[gti.sids] {index_path} is up to date (same input hash {input_hash[:12]}); skipped (force=true rebuilds)")
-            return {**old, "skipped": True}
+    if not cfg.force and index_path.is_file() and use_existing(cfg, old, settings, input_hash, stage):
+        return {**(old or {}), "skipped": True}
 
     print(
         f"[gti.sids] {name}: {len(texts)} items, encoder {cfg.encoder}"
@@ -305,17 +311,6 @@ def run(cfg: SidsConfig) -> dict:
     write_json(report_path, report)  # last: a report with a hash marks a complete build
     _print_summary(report, index_path)
     return {**report, "skipped": False}
-
-
-def _outputs_intact(cfg: SidsConfig, old: dict) -> bool:
-    """The outputs named in the report exist and are the ones it describes (nobody swapped them)."""
-    folder = dataset_dir(cfg.data.root, cfg.data.name)
-    for key, fname in old.get("files", {}).items():
-        path = folder / fname
-        if not path.is_file() or file_sha256(path) != old.get("outputs_sha256", {}).get(key):
-            return False
-    emb = folder / old.get("embedding", {}).get("file", "")
-    return not emb.is_file() or file_sha256(emb) == old["embedding"].get("sha256")
 
 
 def _quantization_error(X: np.ndarray, recon: np.ndarray) -> dict:

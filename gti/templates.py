@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gti.errors import ConfigError
+
 GROUNDING_TEMPLATES: dict[str, tuple[str, str]] = {
     "title2sid": ("Which item is titled \"{title}\"?", "{sid}"),
     "desc2sid": ("Which item is described as: {description}?", "{sid}"),
@@ -24,6 +26,9 @@ REC_TEMPLATES: list[tuple[str, str]] = [
     ("Here is a user's history: {history}. Recommend the next item for this user.", "{sid}"),
     ("Given the items {history} that the user engaged with, predict the next one.", "{sid}"),
 ]
+
+
+FREE_TEXT = ("description", "title")  # the fields shortened to fit max_length, in this order
 
 
 def sid_string(tokens: list[str]) -> str:
@@ -56,13 +61,47 @@ class PromptFormatter:
         return self.tok(self.prompt_text(prompt), add_special_tokens=False)["input_ids"]
 
     def encode(self, prompt: str, response: str, max_length: int) -> Encoded:
+        """Never cuts: cutting a prompt's head drops SIDs and the chat frame (design.md §10). Rows
+        with free text go through encode_fields, which shortens that text to fit."""
+        enc = self._encode(prompt, response)
+        if len(enc.input_ids) > max_length:
+            raise ConfigError(
+                f"max_length={max_length} is too short: a row needs {len(enc.input_ids)} tokens ({prompt[:80]!r}...)"
+            )
+        return enc
+
+    def _encode(self, prompt: str, response: str) -> Encoded:
         # prompt and response are tokenised separately so the mask boundary is exact
         p = self.prompt_ids(prompt)
         r = self.tok(response, add_special_tokens=False)["input_ids"] + [self.eos]
-        if len(r) >= max_length:
-            r = r[: max_length - 1]
-        p = p[-(max_length - len(r)) :] if len(p) + len(r) > max_length else p  # keep the end of the prompt
         return Encoded(p + r, [-100] * len(p) + r)
+
+    def encode_fields(
+        self, template: tuple[str, str], fields: dict[str, str], max_length: int, what: str
+    ) -> tuple[Encoded, bool]:
+        """Render and encode within max_length by shortening the free text (FREE_TEXT order) by tokens,
+        wherever it sits, prompt or response; SIDs, the chat frame and EOS stay whole. Returns the row
+        and whether it was shortened; `what` names the row in the error when even empty text is too long."""
+        enc = self._encode(*render(template, **fields))
+        if len(enc.input_ids) <= max_length:
+            return enc, False
+        fields = dict(fields)
+        for name in FREE_TEXT:
+            if "{" + name + "}" not in template[0] + template[1]:
+                continue
+            ids = self.tok(fields[name], add_special_tokens=False)["input_ids"]
+            keep = len(ids)
+            # in context a field tokenises about as it does alone, so one re-encode usually fits; each
+            # round drops at least one more token, so the loop ends
+            while len(enc.input_ids) > max_length and keep > 0:
+                keep = max(0, keep - (len(enc.input_ids) - max_length))
+                text = self.tok.decode(ids[:keep], clean_up_tokenization_spaces=False)
+                fields[name] = text.rstrip("\ufffd").rstrip()  # a cut may split a UTF-8 character
+                enc = self._encode(*render(template, **fields))
+            if len(enc.input_ids) <= max_length:
+                return enc, True
+        n = len(enc.input_ids)  # every free field is empty now: the least this row can take
+        raise ConfigError(f"{what} needs {n} tokens with its text emptied; raise max_length to at least {n}")
 
 
 def render(template: tuple[str, str], **fields: str) -> tuple[str, str]:

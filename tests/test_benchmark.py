@@ -16,7 +16,7 @@ def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
         methods=["mean", "gti-description"], seeds=[0, 1], single_seed=["mean"],
         ground=GroundConfig(model=tiny_model_dir, data=data, optim=OptimConfig(lr=1e-2, batch_size=8), trainer=trainer),
         finetune=FinetuneConfig(model=tiny_model_dir, data=data, optim=OptimConfig(batch_size=8), trainer=trainer,
-                                eval=EvalConfig(num_beams=4, ks=[1, 5, 10], batch_size=4, valid=False)),
+                                eval=EvalConfig(num_beams=10, ks=[1, 5, 10], batch_size=4, valid=False)),
         output_dir=str(tmp_path / "bench"), ks=[1, 5, 10],
     )  # fmt: skip
     out = run(cfg)

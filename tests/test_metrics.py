@@ -36,8 +36,10 @@ def test_boundary_rank_equal_to_k_is_a_miss():
     metric = RankingMetrics(ks=(5,))
     metric.update(torch.tensor([0, 1]), torch.tensor([4, 5]))
     out = metric.compute()
+    # rank 4 (the 5th item) is the last hit of @5 with gain 1/log2(4 + 2); rank 5 is a miss
     assert out["recall@5"] == pytest.approx(0.5)
-    assert out["ndcg@5"] == pytest.approx(ndcg_at(4, 5) / 2)
+    assert out["ndcg@5"] == pytest.approx(0.38685280723454163 / 2)  # 1/log2(6) = 0.386852807...
+    assert ndcg_at(4, 5) == pytest.approx(0.38685280723454163)
     assert ndcg_at(5, 5) == 0.0 and ndcg_at(-1, 5) == 0.0
 
 

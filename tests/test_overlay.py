@@ -108,3 +108,44 @@ def test_resize_never_shrinks_spare_rows(tokenizer):
     add_tokens(tokenizer, NEW, [["x"]] * len(NEW))
     resize(model, tokenizer)
     assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) - len(NEW) + 64
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_every_new_id_reads_the_overlay_table_after_it_changes(tokenizer, tied):
+    """First and last new id included: an off-by-one in the overlay's id range would read a stale frozen row,
+    which is invisible before training (the table starts as a copy of those rows)."""
+    import torch.nn.functional as F
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(tokenizer), tied=tied)
+    new = extend(model, tokenizer)
+    s, e = new.start, new.start + len(new)
+    params = install_overlay(model, s, len(new))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # distinct values, far from the frozen rows the table was copied from
+        for p in params:
+            p.copy_(10 + torch.randn(p.shape, generator=g))
+    table_in, table_out = params[0].detach(), params[-1].detach()
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+
+    ids = torch.arange(s - 1, e)  # the last old id, then every new id
+    with torch.no_grad():
+        got = emb(ids[None])[0]  # (1 + n, d)
+    assert torch.equal(got[0], emb.base.weight[s - 1])  # an old id still reads its frozen row
+    for i in range(len(new)):
+        assert torch.equal(got[1 + i], table_in[i]), f"new id {s + i} (#{i}) does not read its table row"
+
+    h = torch.randn(2, 3, 64, generator=g)  # (B, T, d)
+    with torch.no_grad():
+        logits = head(h)  # (B, T, V)
+    assert logits.shape[-1] == head.base.weight.shape[0]
+    assert torch.allclose(logits[..., s:e], F.linear(h, table_out), atol=1e-5)  # every new column from the table
+    assert torch.equal(logits[..., :s], head.base(h)[..., :s])
+
+    # end to end: the overlay model equals the plain model with the table written into its matrices
+    seq = torch.tensor([[tokenizer.eos_token_id, 100, *range(s, e), 200]])
+    with torch.no_grad():
+        overlaid = model(input_ids=seq).logits
+        merge_overlay(model)
+        plain = model(input_ids=seq).logits
+    assert torch.allclose(overlaid, plain, atol=1e-5)

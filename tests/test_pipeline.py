@@ -55,7 +55,7 @@ def test_ground_then_finetune(tmp_path, ground_run):
         init_from=str(out),
         optim=OptimConfig(lr=1e-3, batch_size=8),
         trainer=tiny_trainer(4),
-        eval=EvalConfig(num_beams=5, ks=[1, 5, 10], batch_size=4),
+        eval=EvalConfig(num_beams=10, ks=[1, 5, 10], batch_size=4),
         output_dir=str(tmp_path / "ft"),
     )
     ft = finetune(cfg)
@@ -72,10 +72,20 @@ def test_ground_then_finetune(tmp_path, ground_run):
     assert (ft / "model" / "config.json").is_file()
 
 
-def test_finetune_with_history_loss_on_tiling_windows(tmp_path, ground_run):
+def test_finetune_with_history_loss_on_tiling_windows(tmp_path, ground_run, monkeypatch):
+    import gti.recommender
     from gti.finetune import run as finetune
 
     out, _ = ground_run
+    seen = {}
+    real_train_rows = gti.recommender.train_rows
+
+    def spy(ds, train, fmt, cfg, new):  # the rows the run really trains on
+        rows = real_train_rows(ds, train, fmt, cfg, new)
+        seen.update(ds=ds, train=train, rows=rows, new=new, tokenizer=fmt.tok)
+        return rows
+
+    monkeypatch.setattr(gti.recommender, "train_rows", spy)
     cfg = FinetuneConfig(
         init_from=str(out),
         history_loss=True,
@@ -88,6 +98,15 @@ def test_finetune_with_history_loss_on_tiling_windows(tmp_path, ground_run):
     )
     metrics = json.loads((finetune(cfg) / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["test"]["count"] == 9
+    # every history SID after the first is labelled, then the target's: the new-token labels of each row
+    # are exactly those SIDs in order (without history_loss only the target's would be)
+    ds, new, tok, train = seen["ds"], seen["new"], seen["tokenizer"], seen["train"]
+    assert len(seen["rows"]) == len(train) == 9  # toy users have 3 training prefixes: one window of stride 3 each
+    assert all(len(ex.history) == 3 for ex in train)
+    for row, ex in zip(seen["rows"], train, strict=True):
+        labelled = [t for t in row.labels if t != -100 and t >= new.start]
+        expected = [t for i in (*ex.history[1:], ex.target) for t in tok.convert_tokens_to_ids(ds.index[i])]
+        assert labelled == expected, (ex, tok.convert_ids_to_tokens(labelled))
 
 
 def test_finetune_rejects_folder_that_is_not_stage1(tmp_path):

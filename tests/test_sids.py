@@ -140,7 +140,7 @@ def test_same_seed_same_index_and_skip_when_unchanged(tmp_path, capsys):
     assert index_path.stat().st_mtime_ns == mtime and "skipped" in capsys.readouterr().out
     forced = run(cfg_for(tmp_path, force=True))
     assert not forced["skipped"] and index_path.read_text() == text  # same seed -> same index
-    changed = run(cfg_for(tmp_path, codes=5))
+    changed = run(cfg_for(tmp_path, codes=5, force=True))  # other settings: force=true (tests/test_sid_settings.py)
     assert not changed["skipped"] and changed["input_hash"] != first["input_hash"]
 
 

@@ -1,5 +1,6 @@
 import pytest
 
+from gti.errors import ConfigError
 from gti.templates import GROUNDING_TEMPLATES, REC_TEMPLATES, PromptFormatter, pad_batch, render
 from gti.vocab import add_tokens
 
@@ -35,11 +36,14 @@ def test_plain_format_without_chat_template(tokenizer):
     assert tokenizer.decode(enc.input_ids).startswith("Q?\nAnswer:")
 
 
-def test_truncation_keeps_response(tokenizer):
+def test_encode_never_cuts_a_row_too_long(tokenizer):
+    # cutting the prompt's head drops SIDs and the chat frame (design.md §10): encode raises instead,
+    # naming the length needed; rows with free text are fitted by encode_fields (tests/test_truncation.py)
     fmt = PromptFormatter(tokenizer)
-    enc = fmt.encode("word " * 200, "the answer", 24)
-    assert len(enc.input_ids) == 24
-    assert tokenizer.decode([t for t in enc.labels if t != -100]) == "the answer" + tokenizer.eos_token
+    need = len(fmt.encode("word " * 200, "the answer", 10_000).input_ids)
+    with pytest.raises(ConfigError, match=f"max_length=24 is too short: a row needs {need} tokens"):
+        fmt.encode("word " * 200, "the answer", 24)
+    assert len(fmt.encode("word " * 200, "the answer", need).input_ids) == need
 
 
 def test_pad_batch_left_and_right(tokenizer):

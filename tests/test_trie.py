@@ -168,29 +168,50 @@ def test_cached_search_finds_what_hf_generate_finds(tokenizer, tiny_model, seqs,
                 assert seq_a == seq_b
 
 
-def test_scores_are_joint_log_probs_and_left_padding_is_harmless(tokenizer, tiny_model):
+@pytest.fixture()
+def position_sensitive_model(tokenizer):
+    """A tiny Llama whose outputs depend strongly on positions, in float64.
+
+    The default tiny model (init std 0.02, rope theta 1e4) is so flat that a decoder position off by one moves
+    a joint log-prob by ~5e-4, inside float32 noise of a loose tolerance. Rope theta 1 rotates every frequency
+    pair by ~1 rad per position and init std 0.2 makes attention sharp: the same bug then moves scores by
+    whole nats, while the correct search matches a float64 full forward to ~3e-6 (float32 log_softmax).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, rope_theta=1.0, initializer_range=0.2,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).double().eval()
+
+
+def test_scores_are_joint_log_probs_and_left_padding_is_harmless(tokenizer, position_sensitive_model):
+    model = position_sensitive_model
     seqs = [[100, 101, 102], [100, 103], [104, 105, 106], [107]]
     trie = SidTrie(seqs, eos_token_id=tokenizer.eos_token_id)
-    texts = ("I liked <these> items, next:", "hi")
+    texts = ("I liked <these> items, next:", "hi")  # "hi" is left-padded in the batch
     ids, mask = prompts(tokenizer, texts)
-    batched = constrained_beam_search(tiny_model, tokenizer, ids, mask, trie, num_beams=8, num_return=8)
+    batched = constrained_beam_search(model, tokenizer, ids, mask, trie, num_beams=8, num_return=8)
     for text, per_input in zip(texts, batched, strict=True):
         prompt = tokenizer(text, return_tensors="pt").input_ids  # (1, P), no padding
         exact = []
-        for s in seqs:  # joint log-prob of SID + EOS under the model, by one forward pass
+        for s in seqs:  # joint log-prob of SID + EOS under the model: one float64 forward, no cache, no padding
             full = torch.cat([prompt, torch.tensor([s + [tokenizer.eos_token_id]])], dim=1)
             with torch.no_grad():
-                logp = torch.log_softmax(tiny_model(full).logits[0, :-1].float(), dim=-1)
+                logp = torch.log_softmax(model(full).logits[0, :-1], dim=-1)  # (T-1, V) float64
             target = full[0, 1:]
             exact.append(float(logp[torch.arange(target.numel()), target][prompt.shape[1] - 1 :].sum()))
         order = sorted(range(len(seqs)), key=lambda i: -exact[i])
         assert [seq for seq, _ in per_input] == [seqs[i] for i in order]
-        assert [score for _, score in per_input] == pytest.approx([exact[i] for i in order], abs=1e-3)
-        # greedy (num_beams=1) goes through another HF path; its score must mean the same thing
+        assert [score for _, score in per_input] == pytest.approx([exact[i] for i in order], rel=0, abs=2e-5)
+        # greedy (num_beams=1) goes through another path; its score must mean the same thing
         [[(seq, score)]] = constrained_beam_search(
-            tiny_model, tokenizer, prompt, torch.ones_like(prompt), trie, num_beams=1, num_return=1
+            model, tokenizer, prompt, torch.ones_like(prompt), trie, num_beams=1, num_return=1
         )
-        assert score == pytest.approx(exact[seqs.index(seq)], abs=1e-3)
+        assert score == pytest.approx(exact[seqs.index(seq)], rel=0, abs=2e-5)
 
 
 def test_duplicate_sids_give_deduplicated_items(tokenizer, tiny_model):

@@ -1,0 +1,159 @@
+"""Issue 15: ranking does not depend on trainer.precision (design.md §10); eval.ks must fit in the beams."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import write_toy_dataset
+
+import gti.recommender
+from gti.config import DataConfig, EvalConfig, FinetuneConfig, TrainerConfig
+from gti.errors import ConfigError
+from gti.recommender import ranking_precision
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def evaluate(tmp_path_factory, tiny_model_dir):
+    """(trainer.precision, eval.precision) -> (predictions.jsonl rows, metrics.json, every beam score) of a
+    fine-tuning run with zero training steps on the toy data; each run once per module."""
+    from gti.finetune import run
+
+    root = tmp_path_factory.mktemp("eval-precision")
+    write_toy_dataset(root / "data")
+    cache: dict = {}
+
+    def get(precision: str, eval_precision: str = "fp32"):
+        if (precision, eval_precision) in cache:
+            return cache[precision, eval_precision]
+        scores, search = [], gti.recommender.constrained_beam_search
+
+        def spy(*args, **kw):
+            beams = search(*args, **kw)
+            scores.extend(s for per_prompt in beams for _, s in per_prompt)
+            return beams
+
+        out = root / f"ft-{precision}-{eval_precision}"
+        cfg = FinetuneConfig(
+            model=tiny_model_dir,
+            data=DataConfig(name="toy", root=str(root / "data")),
+            trainer=TrainerConfig(max_steps=0, accelerator="cpu", precision=precision),
+            eval=EvalConfig(num_beams=5, ks=[1, 5], batch_size=4, valid=False, precision=eval_precision),
+            output_dir=str(out),
+        )
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(gti.recommender, "constrained_beam_search", spy)
+            run(cfg)
+        preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        cache[precision, eval_precision] = preds, json.loads((out / "metrics.json").read_text()), scores, out
+        return cache[precision, eval_precision]
+
+    return get
+
+
+def test_fp32_ranking_ignores_training_precision(evaluate):
+    fp32, mixed = evaluate("32-true"), evaluate("bf16-mixed")
+    # the same weights rank the same, to the last bit of every beam score (before the fix the bf16-mixed
+    # run's test_step ran under bf16 autocast and its scores moved)
+    assert mixed[2] == fp32[2] and len(fp32[2]) >= 9
+    assert mixed[0] == fp32[0]
+    assert fp32[1]["eval_precision"] == mixed[1]["eval_precision"] == "fp32"
+    # bf16 ranking is one explicit choice, also independent of the training precision, and it differs
+    bf16 = evaluate("32-true", "bf16")
+    assert bf16[2] == evaluate("bf16-mixed", "bf16")[2]
+    assert bf16[2] != fp32[2] and bf16[1]["eval_precision"] == "bf16"
+
+
+def test_bf16_true_ranks_with_upcast_weights(evaluate):
+    # bf16-true trains bf16 weights: ranking upcasts them (exact), so it is fp32 arithmetic on the bf16-rounded
+    # weights: close to the fp32 run, far closer than bf16 arithmetic gets, and the saved model stays bf16
+    fp32, bf16, true = evaluate("32-true")[2], evaluate("32-true", "bf16")[2], evaluate("bf16-true")
+    assert true[1]["eval_precision"] == "fp32"
+    err_true = max(abs(a - b) for a, b in zip(true[2], fp32))
+    err_bf16 = max(abs(a - b) for a, b in zip(bf16, fp32))
+    assert err_true < err_bf16 / 4, (err_true, err_bf16)
+    assert json.loads((true[3] / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert evaluate("bf16-true", "bf16")[1]["eval_precision"] == "bf16"  # bf16 ranking runs there too
+
+
+def test_ranking_precision_context(tiny_model):
+    x = torch.ones(1, 4, dtype=torch.long)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what Lightning's bf16-mixed wraps test_step in
+        with ranking_precision(tiny_model, "fp32"):
+            assert tiny_model(x).logits.dtype == torch.float32
+        with ranking_precision(tiny_model, "bf16"):
+            assert tiny_model(x).logits.dtype == torch.bfloat16
+    tiny_model.to(torch.bfloat16)
+    torch.set_default_dtype(torch.bfloat16)  # what Lightning's bf16-true sets around test_step
+    try:
+        with ranking_precision(tiny_model, "fp32"):
+            assert next(tiny_model.parameters()).dtype == torch.float32
+            assert torch.zeros(1).dtype == torch.float32  # beam scores are summed in fp32
+        assert next(tiny_model.parameters()).dtype == torch.bfloat16
+        assert torch.get_default_dtype() == torch.bfloat16
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize(
+    "ev, match",
+    [
+        (
+            EvalConfig(num_beams=10, ks=[1, 5, 20]),
+            r"eval.ks: K=20 exceeds eval.num_beams=10.*Recall@20 would be capped",
+        ),
+        (EvalConfig(precision="fp16"), r"eval.precision='fp16'"),
+    ],
+)
+def test_bad_eval_config_fails_before_any_compute(tmp_path, ev, match):
+    from gti.finetune import run
+
+    # the data folder does not exist: the eval check must fire before anything is loaded
+    cfg = FinetuneConfig(data=DataConfig(name="absent", root=str(tmp_path)), eval=ev, output_dir=str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match=match):
+        run(cfg)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_benchmark_and_protocol_reject_ks_above_beams(tmp_path, monkeypatch):
+    from gti.benchmark import BenchmarkConfig
+    from gti.benchmark import run as benchmark
+    from gti.protocol import ProtocolConfig, check, commands
+
+    cfg = BenchmarkConfig(output_dir=str(tmp_path / "b"))
+    cfg.finetune.eval = EvalConfig(num_beams=5, ks=[5, 10])
+    with pytest.raises(ConfigError, match=r"finetune.eval.ks: K=10 exceeds eval.num_beams=5"):
+        benchmark(cfg)
+    assert not (tmp_path / "b").exists()
+    monkeypatch.chdir(ROOT)  # the protocol's stage config paths are relative to the repo
+    p = ProtocolConfig()
+    p.finetune.num_beams, p.finetune.ks = 8, [5, 10]
+    _, problems = check(p, commands(p))
+    assert any("gti.finetune: eval.ks: K=10 exceeds eval.num_beams=8" in x for x in problems)
+
+
+def test_every_config_ranks_within_its_beams(monkeypatch):
+    from gti.benchmark import BenchmarkConfig
+    from gti.config import load_config
+    from gti.finetune import eval_problems
+    from gti.protocol import SCHEMAS, ProtocolConfig, commands
+
+    monkeypatch.chdir(ROOT)
+    checked = 0
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        name = path.name
+        if name.startswith("finetune"):
+            evs = [load_config(FinetuneConfig, [str(path)]).eval]
+        elif name.startswith("benchmark"):
+            evs = [load_config(BenchmarkConfig, [str(path)]).finetune.eval]
+        elif name in ("gti-paper.yaml", "lcrec-instruments.yaml", "tiger-beauty.yaml"):  # protocol configs
+            steps = commands(load_config(ProtocolConfig, [str(path)]))
+            evs = [load_config(SCHEMAS[m], argv).eval for m, argv in steps if m == "gti.finetune"]
+        else:
+            continue
+        for ev in evs:
+            assert eval_problems(ev) == [], (name, eval_problems(ev))
+            checked += 1
+    assert checked >= 6
