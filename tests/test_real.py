@@ -34,6 +34,6 @@ def test_real_ground_then_finetune_on_a_slice(tmp_path):
     assert meta["diagnostics"]["final"]["mean_cosine"] < 1.0
     ft = finetune(FinetuneConfig(init_from=str(g), data=DataConfig(max_history=3, max_users=20), optim=OptimConfig(batch_size=2),
                                  trainer=TrainerConfig(max_steps=2, accelerator="cpu"), max_length=96,
-                                 eval=EvalConfig(num_beams=4, ks=[1, 5], batch_size=4, max_users=4), output_dir=str(tmp_path / "f")))  # fmt: skip
+                                 eval=EvalConfig(num_beams=5, ks=[1, 5], batch_size=4, max_users=4), output_dir=str(tmp_path / "f")))  # fmt: skip
     m = json.loads((ft / "metrics.json").read_text())
     assert m["test"]["count"] == 4 and all(torch.isfinite(torch.tensor(v)) for v in m["test"].values())
