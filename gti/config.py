@@ -44,6 +44,7 @@ class TrainerConfig:
     val_check_interval: float = 1.0  # validation during fit: a fraction of an epoch (<= 1) or every N batches (> 1)
     num_workers: int = 0
     checkpoint_every: int = 0  # >0: also write checkpoints/last.ckpt every N steps (resume=auto continues)
+    lean_step: bool = True  # LM head and loss at labelled positions only; false: the full-logits HF loss, for comparisons
 
 
 @dataclass

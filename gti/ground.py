@@ -74,7 +74,8 @@ def run(cfg: GroundConfig) -> Path:
     )  # fmt: skip
     old_rows = model.get_input_embeddings().weight.detach()[: new.start].clone()
     diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init") if cfg.diagnostics and global_rank() == 0 else {}
-    module = GroundingModule(model, new, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, sampler=sampler)
+    o, lean = cfg.optim, cfg.trainer.lean_step
+    module = GroundingModule(model, new, o.lr, o.weight_decay, o.warmup_steps, sampler=sampler, lean_step=lean)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     max_steps = cfg.trainer.max_steps
@@ -91,7 +92,7 @@ def run(cfg: GroundConfig) -> Path:
     rows_in, rows_out = overlay_rows(model)
     merge_overlay(model)
     if cfg.ground.unfreeze_steps > 0:
-        full = GroundingModule(model, new, cfg.ground.unfreeze_lr, cfg.optim.weight_decay, 0, full=True)
+        full = GroundingModule(model, new, cfg.ground.unfreeze_lr, o.weight_decay, 0, full=True, lean_step=lean)
         make_trainer(cfg.trainer, work / "phase2", cfg.ground.unfreeze_steps).fit(full, loader)
     if cfg.ground.unfreeze_steps == 0 and not torch.equal(model.get_input_embeddings().weight.detach()[: new.start], old_rows):
         raise RuntimeError("old embedding rows changed during grounding")  # cannot happen: they are frozen

@@ -19,9 +19,10 @@ TOKEN_TEMPLATES = {  # for tokens.jsonl entries (domain words, special tokens, a
 class GroundingModule(L.LightningModule):
     """Only the overlay tables are parameters the optimiser sees; the LM is frozen (design.md §6)."""
 
-    def __init__(self, model, new: NewTokens, lr: float, weight_decay: float, warmup_steps: int, full: bool = False, sampler=None):
+    def __init__(self, model, new: NewTokens, lr: float, weight_decay: float, warmup_steps: int, full: bool = False,
+                 sampler=None, lean_step: bool = True):  # fmt: skip
         super().__init__()
-        self.model, self.sampler = model, sampler
+        self.model, self.sampler, self.lean_step = model, sampler, lean_step  # lean_step: see lm_training_step
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         self.lr, self.weight_decay, self.warmup_steps, self.full = lr, weight_decay, warmup_steps, full
         if full:  # optional second phase (paper §4.1): everything trains

@@ -48,6 +48,7 @@ class RecommenderModule(L.LightningModule):
     def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig, sampler=None):
         super().__init__()
         self.model, self.tokenizer, self.trie, self.cfg, self.sampler = model, tokenizer, trie, cfg, sampler
+        self.lean_step = cfg.trainer.lean_step  # see lm_training_step
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         ks = tuple(cfg.eval.ks)
         self.val_metrics, self.test_metrics = RankingMetrics(ks), RankingMetrics(ks)

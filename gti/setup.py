@@ -114,19 +114,68 @@ def extend_model(
     return model, tokenizer, new
 
 
-def lm_training_step(module, batch: dict) -> torch.Tensor:
-    """Next-token loss of `module.model` on a batch, logged; a NaN/inf loss stops the run (both stages)."""
-    loss = module.model(**batch).loss
-    if not torch.isfinite(loss):
-        from gti.errors import TrainingError
+# config keys under which a causal LM's forward does more than `head(hidden)` + cross-entropy: softcapped
+# (Gemma 2/3) or scaled (Cohere, Granite) logits, an MoE router loss. Such models take HF's full path.
+FULL_LOSS_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
 
-        ckpt = Path(module.trainer.default_root_dir) / "checkpoints"
-        raise TrainingError(
-            f"loss is {loss.item()} at step {module.global_step}; stopped. "
-            f"The last good checkpoint is in {ckpt} (resume=auto continues from it)"
-        )
+
+def lean_lm_loss(model, batch: dict) -> torch.Tensor:
+    """HF's causal-LM loss (transformers' ForCausalLMLoss: fp32 cross-entropy, mean over labelled
+    tokens) with the LM head applied only where a label is read (design.md §10). Works for a plain
+    HF model, a peft-wrapped one and the overlay's NewRowsHead (tied or untied)."""
+    labels = batch["labels"]
+    keep = labels[:, 1:] != -100  # (B, T-1): position t predicts token t+1
+    # the boolean index needs the count on the host: taken before the forward is queued, it waits
+    # only for the batch's copy to the device, not for the decoder's compute
+    target = labels[:, 1:][keep]  # (N,)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers sit in place
+    hidden = base.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state  # (B, T, d)
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V), not (B, T, V)
+    return torch.nn.functional.cross_entropy(logits.float(), target)
+
+
+def uses_full_loss(model) -> bool:
+    return any(getattr(model.config, k, None) for k in FULL_LOSS_KEYS)
+
+
+def lm_training_step(module, batch: dict) -> torch.Tensor:
+    """Next-token loss of `module.model` on a batch, logged; a NaN/inf loss stops the run (both stages).
+
+    `module.lean_step` (trainer.lean_step) picks the lean loss; false: HF's full-logits forward, for comparisons."""
+    model = module.model
+    loss = lean_lm_loss(model, batch) if module.lean_step and not uses_full_loss(model) else model(**batch).loss
+    note_divergence(module, loss)
+    t, n = module.trainer, module.global_step + 1  # n: optimizer steps once this one is done
+    if n % t.log_every_n_steps == 0 or n == t.max_steps or t.is_last_batch:  # and before every checkpoint
+        stop_if_diverged(module)
     module.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
     return loss
+
+
+def note_divergence(module, loss: torch.Tensor) -> None:
+    """Keep (step, loss) of the first non-finite loss on the device: no device->host sync per step."""
+    first = getattr(module, "_first_bad", None)
+    if first is None or first.device != loss.device:
+        first = module._first_bad = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=loss.device)
+    step = torch.full((), module.global_step, dtype=torch.float64, device=loss.device)  # a fill, not a copy from the host
+    now = torch.stack([step, loss.detach().double()])
+    first.copy_(torch.where((first[0] < 0) & ~torch.isfinite(now[1]), now, first))
+
+
+def stop_if_diverged(module) -> None:
+    """Raise at logging steps, the last step and before any checkpoint is written, naming the first bad step."""
+    first = getattr(module, "_first_bad", None)
+    if first is None or first[0] < 0:  # one sync, at this step only
+        return
+    from gti.errors import TrainingError
+
+    ckpt = Path(module.trainer.default_root_dir) / "checkpoints"
+    raise TrainingError(
+        f"loss is {first[1].item()} at step {int(first[0])}; stopped. "
+        f"The last good checkpoint is in {ckpt} (resume=auto continues from it)"
+    )
 
 
 def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int) -> dict:
@@ -139,7 +188,7 @@ def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int)
 
 def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: list | None = None, **kw):
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     strategy = t.strategy
@@ -160,7 +209,8 @@ def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: lis
         gradient_clip_val=t.gradient_clip_val or None,
         log_every_n_steps=t.log_every_n_steps,
         logger=CSVLogger(run_dir, name="logs"),  # logs/version_N: a resumed run keeps the earlier logs
-        callbacks=[ckpt, *(callbacks or [])],
+        # no checkpoint holds weights trained on a NaN/inf loss (the step checks only at logging steps)
+        callbacks=[ckpt, LambdaCallback(on_save_checkpoint=lambda _t, module, _c: stop_if_diverged(module)), *(callbacks or [])],
         default_root_dir=run_dir,
         enable_model_summary=False,
         num_sanity_val_steps=0,

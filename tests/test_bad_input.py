@@ -20,20 +20,20 @@ def ground_cfg(tmp_path, model_dir, **kw):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_no_final_folder(tmp_path, tiny_model_dir, monkeypatch):
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaModel
 
     from gti.ground import run
 
-    forward, calls = LlamaForCausalLM.forward, []
+    forward, calls = LlamaModel.forward, []
 
-    def diverging(self, *args, **kwargs):  # the loss turns NaN on the third training step
+    def diverging(self, *args, **kwargs):  # the decoder's output (so the loss) turns NaN on the third training step
         out = forward(self, *args, **kwargs)
         calls.append(1)
         if len(calls) >= 3:
-            out.loss = out.loss * float("nan")
+            out.last_hidden_state = out.last_hidden_state * float("nan")
         return out
 
-    monkeypatch.setattr(LlamaForCausalLM, "forward", diverging)
+    monkeypatch.setattr(LlamaModel, "forward", diverging)
     write_toy_dataset(tmp_path / "data")
     cfg = ground_cfg(tmp_path, tiny_model_dir, trainer=TrainerConfig(max_steps=20, accelerator="cpu", checkpoint_every=1))
     with pytest.raises(TrainingError, match=r"loss is nan at step 2; stopped.*checkpoints"):

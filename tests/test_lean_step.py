@@ -1,0 +1,124 @@
+"""The lean step (LM head and loss at labelled positions only) trains exactly like HF's full-logits loss
+(issue 16, design.md §10): same loss, same gradients, for the overlay's new rows (tied and untied), full
+fine-tuning and LoRA; and a NaN still stops the run, naming its step, although the guard checks only at
+logging steps."""
+
+import pytest
+import torch
+from fixtures import write_toy_dataset
+
+from gti.config import DataConfig, FinetuneConfig, GroundConfig, LoraConfig, OptimConfig, TrainerConfig
+from gti.setup import lean_lm_loss, uses_full_loss
+from gti.vocab import NewTokens
+
+N_NEW = 6
+
+
+def batch(tokenizer, start: int) -> dict:
+    """(3, T) rows of real text and new ids, right-padded; labels on the answer part only, as the stages build them."""
+    rows = []
+    for k, text in enumerate(["Toy Story (1995)", "A heist film set in Los Angeles", "Which movie is this?"]):
+        prompt = tokenizer(text)["input_ids"]
+        answer = [start + (k + j) % N_NEW for j in range(3)] + [tokenizer.eos_token_id]
+        rows.append((prompt + answer, [-100] * len(prompt) + answer))
+    width = max(len(ids) for ids, _ in rows) + 2  # every row has padding
+    out = {
+        k: torch.full((len(rows), width), v, dtype=torch.long)
+        for k, v in [("input_ids", 2), ("attention_mask", 0), ("labels", -100)]
+    }
+    for i, (ids, labels) in enumerate(rows):
+        out["input_ids"][i, : len(ids)] = torch.tensor(ids)
+        out["attention_mask"][i, : len(ids)] = 1
+        out["labels"][i, : len(ids)] = torch.tensor(labels)
+    out["labels"][0, 1] = out["input_ids"][0, 1]  # a labelled prompt token too (history loss)
+    return out
+
+
+def losses_and_grads(model, b: dict):
+    """(loss, grads of the trainable parameters) of the full-logits HF loss and of the lean one."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    full = model(**b).loss
+    lean = lean_lm_loss(model, b)
+    return (full, torch.autograd.grad(full, params)), (lean, torch.autograd.grad(lean, params))
+
+
+def assert_same(model, b: dict):
+    (full, g_full), (lean, g_lean) = losses_and_grads(model, b)
+    torch.testing.assert_close(lean, full, atol=1e-6, rtol=1e-5)
+    assert any(g.abs().sum() > 0 for g in g_full)
+    for a, e in zip(g_lean, g_full):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-5)
+
+
+def tiny(tokenizer, tied: bool):
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(len(tokenizer) + N_NEW, tied=tied)
+    return model, NewTokens([f"<a_{i}>" for i in range(N_NEW)], len(tokenizer), [["x"]] * N_NEW)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_grounding_new_rows(tokenizer, tied):
+    from gti.grounding import GroundingModule
+    from gti.overlay import NewRowsHead
+
+    model, new = tiny(tokenizer, tied)
+    GroundingModule(model, new, lr=1e-3, weight_decay=0.0, warmup_steps=0)  # installs the overlay, model.train()
+    assert isinstance(model.get_output_embeddings(), NewRowsHead)
+    assert len([p for p in model.parameters() if p.requires_grad]) == (1 if tied else 2)
+    assert_same(model, batch(tokenizer, new.start))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_full_finetuning(tokenizer, tied):
+    model, new = tiny(tokenizer, tied)
+    model.train()
+    assert_same(model, batch(tokenizer, new.start))
+
+
+def test_lora(tokenizer):
+    from gti.finetune import apply_lora
+
+    model, new = tiny(tokenizer, tied=True)
+    model = apply_lora(model, FinetuneConfig(lora=LoraConfig(enabled=True, dropout=0.0)), new)
+    model.train()
+    with torch.no_grad():  # lora_B starts at zero: give the adapters a real effect on the forward
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    assert_same(model, batch(tokenizer, new.start))
+
+
+def test_softcapped_models_take_the_full_path(tokenizer):
+    model, _ = tiny(tokenizer, tied=True)
+    assert not uses_full_loss(model)
+    model.config.final_logit_softcapping = 30.0  # Gemma 2: the head's logits are capped before the loss
+    assert uses_full_loss(model)
+
+
+@pytest.mark.parametrize("lean_step", [True, False])
+def test_nan_found_at_a_logging_step_names_the_first_bad_step(tmp_path, tiny_model_dir, monkeypatch, lean_step):
+    from transformers import LlamaModel
+
+    from gti.errors import TrainingError
+    from gti.ground import run
+
+    forward, calls = LlamaModel.forward, []
+
+    def diverging(self, *args, **kwargs):  # the third training step's loss is NaN, then the weights are
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            out.last_hidden_state = out.last_hidden_state * float("nan")
+        return out
+
+    monkeypatch.setattr(LlamaModel, "forward", diverging)
+    write_toy_dataset(tmp_path / "data")
+    cfg = GroundConfig(
+        model=tiny_model_dir, data=DataConfig(name="toy", root=str(tmp_path / "data")), optim=OptimConfig(batch_size=2),
+        trainer=TrainerConfig(max_steps=20, accelerator="cpu", log_every_n_steps=6, lean_step=lean_step),
+        output_dir=str(tmp_path / "g"), diagnostics=False,
+    )  # fmt: skip
+    with pytest.raises(TrainingError, match=r"loss is nan at step 2; stopped"):
+        run(cfg)
+    assert len(calls) == 6  # checked at the 6th step (a logging step), not before
