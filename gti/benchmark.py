@@ -251,7 +251,7 @@ def run(cfg: BenchmarkConfig) -> Path:
         return report(cfg)
     problems = eval_problems(cfg.finetune.eval)  # every cell shares it: fail now, not after the first grounding
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(f"finetune.{p}" for p in problems))
+        raise ConfigError.listing([f"finetune.{p}" for p in problems])
     check_same_sids(cfg)
     todo = cells(cfg)
     print(f"[gti.benchmark] {len(todo)} cells: " + ", ".join(f"{m}/s{s}" for m, s in todo))

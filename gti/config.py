@@ -224,7 +224,7 @@ def load_config(schema: type[T], argv: list[str] | None = None, yaml_path: str |
     missing = sorted(OmegaConf.missing_keys(cfg))
     problems += [f"missing required value '{k}'" for k in missing]
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.listing(problems)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 

@@ -6,7 +6,10 @@ class GtiError(Exception):
 
 
 class ConfigError(GtiError, ValueError):
-    pass
+    @classmethod
+    def listing(cls, problems: list[str]) -> "ConfigError":
+        """One error naming every problem found (configs are validated all at once, not first-fail)."""
+        return cls("invalid config:\n  - " + "\n  - ".join(problems))
 
 
 class DataError(GtiError, ValueError):

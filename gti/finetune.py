@@ -40,7 +40,7 @@ def load_stage1(cfg: FinetuneConfig):
     if not (run / "model" / "config.json").is_file():
         problems.append(f"init_from={run}: no model/ folder with config.json")
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.listing(problems)
     meta = json.loads((run / "gti.json").read_text())
     if meta.get("stage") != "ground":
         raise ConfigError(f"init_from={run}: gti.json says stage={meta.get('stage')!r}, expected 'ground'")
@@ -135,7 +135,7 @@ def baselines(ds, train_inter: dict, examples: list, ks: list[int], seed: int) -
 def run(cfg: FinetuneConfig) -> Path:
     problems = eval_problems(cfg.eval)
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.listing(problems)
     import lightning as L
     from torch.utils.data import DataLoader
 

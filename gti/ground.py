@@ -31,7 +31,7 @@ def validate(cfg: GroundConfig) -> None:
     if cfg.init not in STRATEGIES:
         problems.append(f"init: unknown strategy '{cfg.init}' (known: {', '.join(STRATEGIES)})")
     if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.listing(problems)
 
 
 def run(cfg: GroundConfig) -> Path:
