@@ -3,6 +3,7 @@
 Each cell (method x seed) runs stage 1 (when the method grounds) and stage 2 in subprocesses
 through the same `gti.ground` / `gti.finetune` code, from a YAML written into the cell folder.
 Finished cells are skipped, so an interrupted benchmark resumes by running the command again.
+Cells run one after another unless `parallel` > 1; each stage process gets `threads` CPU threads.
 The report folder gets results.md, results.json and plots (spectra, cosine maps, metric bars).
 """
 
@@ -11,16 +12,19 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from gti.config import FinetuneConfig, GroundConfig, load_config
-from gti.errors import ConfigError
+from gti.errors import ConfigError, GtiError
 from gti.finetune import eval_problems
 from gti.io import atomic_write_text, write_json
 
@@ -47,6 +51,8 @@ class BenchmarkConfig:
     output_dir: str = "runs/benchmark"
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     report_only: bool = False  # true: write the report from the cells finished so far, run nothing
+    parallel: int = 1  # cells at once (one GPU: 1); > 1: each cell's output goes to CELL/cell.log
+    threads: int = 0  # CPU threads per stage process; 0: the machine's cores // parallel, at least 1
 
 
 def cells(cfg: BenchmarkConfig) -> list[tuple[str, int]]:
@@ -55,13 +61,29 @@ def cells(cfg: BenchmarkConfig) -> list[tuple[str, int]]:
     return [(m, s) for i, s in enumerate(cfg.seeds) for m in cfg.methods if i == 0 or m not in cfg.single_seed]
 
 
-def _stage(module: str, conf, path: Path) -> float:
+def stage_env(cfg: BenchmarkConfig) -> dict[str, str]:
+    """Each stage process gets its share of the cores: torch, MKL and the tokenizers default to every
+    core per process, so N processes at once would oversubscribe the machine N-fold."""
+    n = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.parallel)
+    return {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _stage(module: str, conf, path: Path, env: dict, log: Path | None) -> None:
+    """One stage process; its output goes to the terminal, or appended to `log` when cells run side by side."""
     atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.structured(conf)))
-    t = time.time()
-    r = subprocess.run([sys.executable, "-m", module, str(path)])
+    cmd = [sys.executable, "-m", module, str(path)]
+    with log.open("a") if log else nullcontext() as out:
+        if out:
+            out.write(f"\n==== {' '.join(cmd)}\n")
+            out.flush()
+        r = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
     if r.returncode != 0:
-        raise RuntimeError(f"{module} failed for {path} (exit {r.returncode}); rerun the benchmark to resume")
-    return time.time() - t
+        where = f"log: {log}" if log else f"its output is above ({path})"
+        raise GtiError(f"{module} exited with {r.returncode}; {where}")
+
+
+def _say(method: str, seed: int, what: str) -> None:
+    print(f"[gti.benchmark] {method} seed {seed}: {what}", flush=True)
 
 
 def run_cell(cfg: BenchmarkConfig, method: str, seed: int) -> Path:
@@ -69,21 +91,50 @@ def run_cell(cfg: BenchmarkConfig, method: str, seed: int) -> Path:
     cell = Path(cfg.output_dir) / method / f"seed{seed}"
     ft_dir = cell / "finetune"
     if (ft_dir / "metrics.json").is_file():
-        print(f"[gti.benchmark] {method} seed {seed}: done, skipped")
+        _say(method, seed, "done, skipped")
         return cell
     cell.mkdir(parents=True, exist_ok=True)
+    env, log, t = stage_env(cfg), (cell / "cell.log" if cfg.parallel > 1 else None), time.time()
+    to_log = f" (log: {log})" if log else ""
     ft = copy.deepcopy(cfg.finetune)
     ft.seed, ft.init, ft.multitask, ft.output_dir = seed, ft_init, multitask, str(ft_dir)
     if ground_init is not None:
         g = copy.deepcopy(cfg.ground)
         g.seed, g.init, g.output_dir = seed, ground_init, str(cell / "ground")
         if not (cell / "ground" / "gti.json").is_file():
-            print(f"[gti.benchmark] {method} seed {seed}: grounding")
-            _stage("gti.ground", g, cell / "ground.yaml")
+            _say(method, seed, "grounding" + to_log)
+            _stage("gti.ground", g, cell / "ground.yaml", env, log)
         ft.init_from = str(cell / "ground")
-    print(f"[gti.benchmark] {method} seed {seed}: fine-tuning")
-    _stage("gti.finetune", ft, cell / "finetune.yaml")
+    _say(method, seed, "fine-tuning" + to_log)
+    _stage("gti.finetune", ft, cell / "finetune.yaml", env, log)
+    _say(method, seed, f"finished in {time.time() - t:.0f}s")
     return cell
+
+
+def run_cells(cfg: BenchmarkConfig, todo: list[tuple[str, int]]) -> None:
+    """Up to `parallel` cells at once, in `todo` order; a cell's ground -> finetune stays in order. A failed
+    cell does not stop the others: every failure is listed once all have finished."""
+
+    def one(method: str, seed: int) -> str | None:
+        try:
+            run_cell(cfg, method, seed)
+        except GtiError as e:  # a stage failed: say so now, list it at the end
+            _say(method, seed, f"FAILED: {e}")
+            return f"{method} seed {seed}: {e}"
+        return None
+
+    with ThreadPoolExecutor(cfg.parallel) as pool:
+        futures = [pool.submit(one, m, s) for m, s in todo]
+        try:
+            failed = [r for r in (f.result() for f in futures) if r]
+        except KeyboardInterrupt:  # Ctrl-C reached the running stages too; start no further cell
+            pool.shutdown(cancel_futures=True)
+            raise
+    if failed:
+        raise GtiError(
+            f"{len(failed)} of {len(todo)} cells failed; the others finished. Run the same command again to retry "
+            "them, or add report_only=true to report the finished ones:\n  - " + "\n  - ".join(failed)
+        )
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -249,14 +300,18 @@ def run(cfg: BenchmarkConfig) -> Path:
         raise ConfigError(f"methods: unknown {unknown}; known: {', '.join(METHODS)}")
     if cfg.report_only:
         return report(cfg)
-    problems = eval_problems(cfg.finetune.eval)  # every cell shares it: fail now, not after the first grounding
+    # every cell shares the eval section: fail now, not after the first grounding
+    problems = [f"finetune.{p}" for p in eval_problems(cfg.finetune.eval)]
+    if cfg.parallel < 1 or cfg.threads < 0:
+        problems.append(f"parallel={cfg.parallel} must be >= 1 and threads={cfg.threads} >= 0 (0: cores // parallel)")
     if problems:
-        raise ConfigError.listing([f"finetune.{p}" for p in problems])
+        raise ConfigError.listing(problems)
     check_same_sids(cfg)
     todo = cells(cfg)
-    print(f"[gti.benchmark] {len(todo)} cells: " + ", ".join(f"{m}/s{s}" for m, s in todo))
-    for method, seed in todo:
-        run_cell(cfg, method, seed)
+    threads = stage_env(cfg)["OMP_NUM_THREADS"]
+    print(f"[gti.benchmark] {len(todo)} cells, {cfg.parallel} at a time, {threads} CPU threads per stage process: "
+          + ", ".join(f"{m}/s{s}" for m, s in todo))  # fmt: skip
+    run_cells(cfg, todo)
     return report(cfg)
 
 

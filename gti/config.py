@@ -36,7 +36,9 @@ class TrainerConfig:
     max_steps: int = -1  # -1: run max_epochs
     accelerator: str = "auto"  # cpu | gpu | auto
     devices: int = 1
-    strategy: str = "auto"  # auto -> "ddp" when devices > 1; or ddp_spawn, fsdp, ...
+    strategy: str = "auto"  # auto -> "ddp" when devices > 1 or num_nodes > 1; or ddp_spawn, fsdp, ...
+    # 32-true | bf16-mixed | bf16-true | ...; in bf16, a frozen backbone (grounding, LoRA) is held in bf16 during fit
+    # and its exact weights put back for ranking and saving (gti.overlay.FrozenBf16)
     precision: str = "32-true"
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
@@ -45,6 +47,11 @@ class TrainerConfig:
     num_workers: int = 0
     checkpoint_every: int = 0  # >0: also write checkpoints/last.ckpt every N steps (resume=auto continues)
     lean_step: bool = True  # LM head and loss at labelled positions only; false: the full-logits HF loss, for comparisons
+    # rows of similar length batched together (sorted within ~50 batches, batch order shuffled): less padding
+    group_by_length: bool = True
+    compile: bool = False  # torch.compile the training forward (the decoder's under lean_step); compiling costs minutes up front
+    num_nodes: int = 1  # machines for DDP, `devices` each (started by torchrun / SLURM on every node)
+    threads: int = 0  # >0: torch CPU threads per process, for several runs sharing one machine; 0: torch's default
 
 
 @dataclass

@@ -176,8 +176,9 @@ class Example:
     target: int
 
 
-def leave_one_out(inter: dict[int, list[int]], max_history: int = 20) -> dict[str, list[Example]]:
-    """train = every prefix of seq[:-2]; valid target = seq[-2]; test target = seq[-1]."""
+def leave_one_out(inter: dict[int, list[int]], max_history: int = 20, train: bool = True) -> dict[str, list[Example]]:
+    """train = every prefix of seq[:-2]; valid target = seq[-2]; test target = seq[-1].
+    train=False leaves the train split empty (stages build training rows with gti.rows.train_table)."""
     splits: dict[str, list[Example]] = {"train": [], "valid": [], "test": []}
 
     def add(split: str, user: int, history: list[int], target: int) -> None:
@@ -188,7 +189,7 @@ def leave_one_out(inter: dict[int, list[int]], max_history: int = 20) -> dict[st
         seq = inter[user]
         if len(seq) < 3:
             continue  # too short for leave-one-out
-        for t in range(1, len(seq) - 2):
+        for t in range(1, len(seq) - 2) if train else ():
             add("train", user, seq[:t], seq[t])
         add("valid", user, seq[:-2], seq[-2])
         add("test", user, seq[:-1], seq[-1])

@@ -139,21 +139,23 @@ def run(cfg: FinetuneConfig) -> Path:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from gti.data import last_per_user, leave_one_out
+    from gti.data import leave_one_out
     from gti.diagnose import diagnose_rows, public
     from gti.io import write_json, write_jsonl
-    from gti.recommender import EvalCollate, RecommenderModule, check_prompt_lengths, gather_predictions, train_rows
+    from gti.recommender import RecommenderModule, check_prompt_lengths, gather_predictions
+    from gti.rows import collate, eval_rows, rec_train_rows, row_lengths
     from gti.setup import (
         EpochShuffleSampler,
         RunDir,
         ensure_dataset,
         extend_model,
         make_trainer,
+        padding_summary,
         run_metadata,
         save_hf,
         write_metadata,
     )
-    from gti.templates import PromptFormatter, pad_batch
+    from gti.templates import PromptFormatter
     from gti.trie import SidTrie
 
     L.seed_everything(cfg.seed, workers=True)
@@ -166,36 +168,35 @@ def run(cfg: FinetuneConfig) -> Path:
     run_dir = RunDir(Path(cfg.output_dir))
     work = run_dir.start(cfg.resume, cfg)
 
-    splits = leave_one_out(ds.inter, cfg.data.max_history)
+    splits = leave_one_out(ds.inter, cfg.data.max_history, train=False)  # training rows: gti.rows, cached
     valid, test = splits["valid"], splits["test"]
     if cfg.eval.max_users > 0:
         valid, test = valid[: cfg.eval.max_users], test[: cfg.eval.max_users]
     fmt = PromptFormatter(tokenizer)
-    train = splits["train"]
-    if cfg.train_per_user > 0:  # with history_loss, windows max_history apart: each item is a target once
-        train = last_per_user(train, cfg.train_per_user, max(cfg.data.max_history, 1) if cfg.history_loss else 1)
-    rows = train_rows(ds, train, fmt, cfg, new)
+    check_prompt_lengths(ds, valid + test, fmt, cfg)
+    rows = rec_train_rows(ds, fmt, cfg, new)  # with train_per_user / history_loss / multitask, see gti/rows.py
     items = sorted(ds.index)
     trie = SidTrie([tokenizer.convert_tokens_to_ids(ds.index[i]) for i in items], tokenizer.eos_token_id)
-    collate = EvalCollate(fmt, ds, cfg.templates[0])
-    check_prompt_lengths(ds, valid + test, fmt, cfg)
-    sampler = EpochShuffleSampler(len(rows), cfg.seed, cfg.optim.batch_size)
+    lengths = row_lengths(rows)
+    sampler = EpochShuffleSampler(len(rows), cfg.seed, cfg.optim.batch_size, lengths if cfg.trainer.group_by_length else None)
+    pad = tokenizer.pad_token_id
     train_loader = DataLoader(
         rows, batch_size=cfg.optim.batch_size, sampler=sampler,
-        num_workers=cfg.trainer.num_workers, collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id),
+        num_workers=cfg.trainer.num_workers, collate_fn=partial(collate, pad_id=pad),
     )  # fmt: skip
-    val_loader = DataLoader(valid, batch_size=cfg.eval.batch_size, collate_fn=collate)
-    test_loader = DataLoader(test, batch_size=cfg.eval.batch_size, collate_fn=collate)
+    prompts = partial(collate, pad_id=pad, left=True)  # longest prompts first (eval_rows)
+    val_loader = DataLoader(eval_rows(ds, valid, fmt, cfg.templates[0]), batch_size=cfg.eval.batch_size, collate_fn=prompts)
+    test_loader = DataLoader(eval_rows(ds, test, fmt, cfg.templates[0]), batch_size=cfg.eval.batch_size, collate_fn=prompts)
 
     if cfg.lora.enabled:
         model = apply_lora(model, cfg, new)
     module = RecommenderModule(model, tokenizer, trie, cfg, sampler=sampler)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
-        f"[gti.finetune] {len(ds.inter)} users, {ds.num_items} items, {len(rows)} training rows, "
+        f"[gti.finetune] {len(ds.inter)} users, {ds.num_items} items, {len(rows)} training rows ({padding_summary(sampler, lengths)}), "
         f"{len(valid)} valid / {len(test)} test users, beam {cfg.eval.num_beams}, ranked in {cfg.eval.precision}\n"
         f"[gti.finetune] trainable parameters: {trainable:,}{' (LoRA)' if cfg.lora.enabled else ''}\n"
-        f"[gti.finetune] example: {tokenizer.decode(rows[0].input_ids)!r}"
+        f"[gti.finetune] example: {tokenizer.decode(rows[0]['input_ids'])!r}"
     )
 
     trainer = make_trainer(cfg.trainer, work, cfg.trainer.max_steps)

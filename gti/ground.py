@@ -8,7 +8,6 @@ The config is parsed and checked before torch / lightning are imported, so mista
 
 from __future__ import annotations
 
-import random
 import sys
 import time
 from functools import partial
@@ -40,8 +39,9 @@ def run(cfg: GroundConfig) -> Path:
     from torch.utils.data import DataLoader
 
     from gti.diagnose import diagnose_rows, public
-    from gti.grounding import GroundingModule, grounding_examples
+    from gti.grounding import GroundingModule
     from gti.overlay import merge_overlay, overlay_rows
+    from gti.rows import collate, grounding_rows, row_lengths
     from gti.setup import (
         EpochShuffleSampler,
         RunDir,
@@ -49,11 +49,12 @@ def run(cfg: GroundConfig) -> Path:
         extend_model,
         global_rank,
         make_trainer,
+        padding_summary,
         run_metadata,
         save_hf,
         write_metadata,
     )
-    from gti.templates import PromptFormatter, pad_batch
+    from gti.templates import PromptFormatter
 
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -65,12 +66,12 @@ def run(cfg: GroundConfig) -> Path:
     ds = ensure_dataset(cfg.data, cfg.sids)
     model, tokenizer, new = extend_model(cfg.model, ds, cfg.init, cfg.init_options, cfg.tokens_file, cfg.seed)
     fmt = PromptFormatter(tokenizer)
-    examples = grounding_examples(ds, new, fmt, cfg.ground.templates, cfg.max_length)
-    random.Random(cfg.seed).shuffle(examples)
-    sampler = EpochShuffleSampler(len(examples), cfg.seed, cfg.optim.batch_size)
+    rows = grounding_rows(ds, new, fmt, cfg.ground.templates, cfg.max_length, "gti.ground")  # cached (gti/rows.py)
+    lengths = row_lengths(rows)
+    sampler = EpochShuffleSampler(len(rows), cfg.seed, cfg.optim.batch_size, lengths if cfg.trainer.group_by_length else None)
     loader = DataLoader(
-        examples, batch_size=cfg.optim.batch_size, sampler=sampler,
-        num_workers=cfg.trainer.num_workers, collate_fn=partial(pad_batch, pad_id=tokenizer.pad_token_id),
+        rows, batch_size=cfg.optim.batch_size, sampler=sampler,
+        num_workers=cfg.trainer.num_workers, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
     )  # fmt: skip
     old_rows = model.get_input_embeddings().weight.detach()[: new.start].clone()
     diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init") if cfg.diagnostics and global_rank() == 0 else {}
@@ -81,9 +82,9 @@ def run(cfg: GroundConfig) -> Path:
     max_steps = cfg.trainer.max_steps
     print(
         f"[gti.ground] {len(new)} new tokens (ids {new.start}..{new.start + len(new) - 1}), init={cfg.init}\n"
-        f"[gti.ground] {len(examples)} grounding examples x {cfg.trainer.max_epochs} epochs, batch {cfg.optim.batch_size}, "
-        f"max_steps {max_steps}\n[gti.ground] trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)\n"
-        f"[gti.ground] example: {tokenizer.decode(examples[0].input_ids)!r}"
+        f"[gti.ground] {len(rows)} grounding examples x {cfg.trainer.max_epochs} epochs, batch {cfg.optim.batch_size}, "
+        f"max_steps {max_steps}, {padding_summary(sampler, lengths)}\n[gti.ground] trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)\n"
+        f"[gti.ground] example: {tokenizer.decode(rows[0]['input_ids'])!r}"
     )
 
     # fit
@@ -102,7 +103,7 @@ def run(cfg: GroundConfig) -> Path:
         diag = diagnose_rows(model, tokenizer, new, ds, work, "final", before=diag_init) if cfg.diagnostics else {}
         save_hf(model, tokenizer, work / "model")
         write_metadata(work, run_metadata(
-            "ground", cfg, ds, new, trainable_parameters=trainable, grounding_examples=len(examples),
+            "ground", cfg, ds, new, trainable_parameters=trainable, grounding_examples=len(rows),
             steps=trainer.global_step, wall_time_s=round(time.time() - t0, 1),
             final_loss=_last_loss(trainer), diagnostics={"init": public(diag_init), "final": public(diag)} if cfg.diagnostics else {},
         ))  # fmt: skip

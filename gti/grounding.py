@@ -5,8 +5,8 @@ from __future__ import annotations
 import lightning as L
 
 from gti.data import Dataset
-from gti.overlay import install_overlay
-from gti.setup import adamw_with_warmup, lm_training_step
+from gti.overlay import FrozenBf16, install_overlay
+from gti.setup import adamw_with_warmup, compile_training_forward, lm_training_step
 from gti.templates import GROUNDING_TEMPLATES, Encoded, PromptFormatter, sid_string
 from gti.vocab import NewTokens
 
@@ -20,9 +20,10 @@ class GroundingModule(L.LightningModule):
     """Only the overlay tables are parameters the optimiser sees; the LM is frozen (design.md §6)."""
 
     def __init__(self, model, new: NewTokens, lr: float, weight_decay: float, warmup_steps: int, full: bool = False,
-                 sampler=None, lean_step: bool = True):  # fmt: skip
+                 sampler=None, lean_step: bool = True, compile_step: bool = False):  # fmt: skip
         super().__init__()
         self.model, self.sampler, self.lean_step = model, sampler, lean_step  # lean_step: see lm_training_step
+        self.compile_step = compile_step  # trainer.compile
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         self.lr, self.weight_decay, self.warmup_steps, self.full = lr, weight_decay, warmup_steps, full
         if full:  # optional second phase (paper §4.1): everything trains
@@ -31,6 +32,16 @@ class GroundingModule(L.LightningModule):
         else:
             install_overlay(model, new.start, len(new))
         self.strict_loading = False  # checkpoints hold only the trainable tensors
+        self.frozen_bf16 = FrozenBf16(model)
+
+    def setup(self, stage):
+        if stage == "fit":
+            self.frozen_bf16.hold(self.trainer.precision)  # bf16 runs: the frozen LM in bf16 (no-op when full)
+            if self.compile_step:
+                compile_training_forward(self)
+
+    def on_fit_end(self):
+        self.frozen_bf16.exact()  # the saved model is the base weights + trained rows, bit for bit
 
     def on_load_checkpoint(self, checkpoint):
         if self.sampler is not None:  # mid-epoch resume: continue with the batches not yet seen
@@ -48,12 +59,9 @@ class GroundingModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
 
-def grounding_examples(
-    ds: Dataset, new: NewTokens, fmt: PromptFormatter, templates: list[str], max_length: int, stage: str = "gti.ground"
-) -> list[Encoded]:
-    # rows too long lose free text (description, then title), never their SID or token (design.md §10)
-    rows: list[Encoded] = []
-    shortened = 0
+def grounding_specs(ds: Dataset, new: NewTokens, templates: list[str]) -> list[tuple[tuple[str, str], dict, str]]:
+    """(template, fields, what) of every grounding row: each item under each template, then each extra token."""
+    specs = []
     for item in sorted(ds.items):
         meta = ds.items[item]
         fields = {
@@ -61,21 +69,26 @@ def grounding_examples(
             "description": str(meta.get("description", "")).strip() or "(no description)",
             "sid": sid_string(ds.index[item]),
         }
-        for name in templates:
-            row, cut = fmt.encode_fields(GROUNDING_TEMPLATES[name], fields, max_length, f"item {item}: the {name} row")
-            rows.append(row)
-            shortened += cut
+        specs += [(GROUNDING_TEMPLATES[name], fields, f"item {item}: the {name} row") for name in templates]
     sid_set = {t for toks in ds.index.values() for t in toks}
     for token, descs in zip(new.tokens, new.descriptions):
-        if token in sid_set:
-            continue
-        for name, template in TOKEN_TEMPLATES.items():
+        if token not in sid_set:
             fields = {"token": token, "description": descs[0]}
-            row, cut = fmt.encode_fields(template, fields, max_length, f"token {token}: the {name} row")
-            rows.append(row)
-            shortened += cut
-    print(
-        f"[{stage}] {shortened} of {len(rows)} grounding rows shortened to fit max_length={max_length} "
+            specs += [(template, fields, f"token {token}: the {name} row") for name, template in TOKEN_TEMPLATES.items()]
+    return specs
+
+
+def grounding_examples(
+    ds: Dataset, new: NewTokens, fmt: PromptFormatter, templates: list[str], max_length: int, stage: str = "gti.ground"
+) -> list[Encoded]:
+    # rows too long lose free text (description, then title), never their SID or token (design.md §10)
+    rows, shortened = fmt.encode_many(grounding_specs(ds, new, templates), max_length)
+    print(shortened_note(stage, shortened, len(rows), max_length))
+    return rows
+
+
+def shortened_note(stage: str, shortened: int, total: int, max_length: int) -> str:
+    return (
+        f"[{stage}] {shortened} of {total} grounding rows shortened to fit max_length={max_length} "
         "(description/title trimmed); every row keeps its SID, chat frame and EOS"
     )
-    return rows

@@ -4,7 +4,8 @@ The resized embedding / head stay frozen. `NewRowsEmbedding` overlays rows `star
 the input embedding with a trainable (n, d) table; `NewRowsHead` recomputes the logits of those
 ids from the same table (tied model) or its own table (untied). The optimiser and DDP see only
 n x d parameters (or 2 n x d untied). `merge_overlay` writes the rows back and removes the wrappers
-before saving: saving with wrappers installed would reload with re-initialised rows.
+before saving: saving with wrappers installed would reload with re-initialised rows. `FrozenBf16` holds
+the frozen matrices in bf16 while training in bf16 and puts the exact weights back afterwards.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class NewRowsEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base(ids)  # (B, T, d), frozen rows
+        if out.dtype != self.rows.dtype and torch.is_autocast_enabled(ids.device.type):
+            # base held in bf16 (FrozenBf16) under bf16-mixed: the residual stream stays fp32, as with fp32 weights
+            out = out.to(self.rows.dtype)
         is_new = (ids >= self.start) & (ids < self.start + self.n)
         local = (ids - self.start).clamp(0, self.n - 1)
         return torch.where(is_new.unsqueeze(-1), F.embedding(local, self.rows).to(out.dtype), out)
@@ -96,3 +100,43 @@ def merge_overlay(model) -> None:
         if head.base.weight.data_ptr() != emb.base.weight.data_ptr():
             head.base.weight[head.start : head.start + head.rows.shape[0]] = head.rows.to(head.base.weight.dtype)
         model.set_output_embeddings(head.base)
+
+
+class FrozenBf16:
+    """bf16 training with a frozen backbone (overlay rows, LoRA): the frozen matrices held in bf16 (design.md §10).
+
+    Under bf16-mixed, autocast casts every fp32 weight matrix to bf16 at each forward (its cast cache keeps only
+    weights that require grad), so a frozen backbone is re-cast every step; held in bf16 it is cast once, and
+    takes half the device memory. Only matrices are held (projections, embeddings: what autocast casts);
+    vectors (norms, biases) stay fp32. Trainable tables are left alone: fp32 master weights under bf16-mixed.
+    The frozen weights as loaded stay on the CPU (no copy when the model is there); `exact()` puts them back
+    for ranking, merging and saving, so a saved model is the base weights + trained tables, bit for bit.
+    Full fine-tuning (nothing frozen) and non-bf16 precisions are unchanged.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.originals: dict[str, torch.Tensor] = {}  # parameter name -> its frozen weights as loaded, on the CPU
+
+    def hold(self, precision: str) -> None:
+        """Frozen fp32 matrices -> bf16 when `precision` (Lightning's, e.g. "bf16-mixed") is a bf16 mode."""
+        params = list(self.model.named_parameters())
+        if not str(precision).startswith("bf16") or all(p.requires_grad for _, p in params):
+            return
+        everything = str(precision) == "bf16-true"  # no autocast there: vectors must match the bf16 activations
+        with torch.inference_mode(False):  # hooks of Lightning's eval loops run in inference mode: no inference weights
+            for name, p in params:
+                if p.requires_grad or not p.is_floating_point():
+                    continue
+                # every frozen tensor, vectors too: bf16-true casts the whole module after this (Lightning)
+                self.originals.setdefault(name, p.data if p.device.type == "cpu" else p.data.cpu())
+                if (p.ndim >= 2 or everything) and p.dtype == torch.float32:
+                    p.data = p.data.to(torch.bfloat16)
+
+    def exact(self) -> None:
+        """The frozen weights as loaded, on the device they are on now; idempotent, cheap when nothing is held."""
+        with torch.inference_mode(False):
+            for name, p in self.model.named_parameters():
+                original = self.originals.get(name)
+                if original is not None and p.dtype != original.dtype:
+                    p.data = original.to(p.device)

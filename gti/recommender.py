@@ -11,7 +11,8 @@ from gti.config import EVAL_PRECISIONS, FinetuneConfig
 from gti.data import Dataset, Example
 from gti.errors import ConfigError
 from gti.metrics import RankingMetrics, rank_of
-from gti.setup import adamw_with_warmup, lm_training_step
+from gti.overlay import FrozenBf16
+from gti.setup import adamw_with_warmup, compile_training_forward, lm_training_step
 from gti.templates import REC_TEMPLATES, Encoded, PromptFormatter, pad_batch, render, sid_string
 from gti.trie import SidTrie, beams_to_items, constrained_beam_search
 from gti.vocab import NewTokens
@@ -53,6 +54,27 @@ class RecommenderModule(L.LightningModule):
         ks = tuple(cfg.eval.ks)
         self.val_metrics, self.test_metrics = RankingMetrics(ks), RankingMetrics(ks)
         self.predictions: list[dict] = []
+        self.frozen_bf16 = FrozenBf16(model)  # LoRA in bf16: the frozen LM held in bf16 while it trains
+
+    def setup(self, stage):
+        if stage == "fit":
+            self.frozen_bf16.hold(self.trainer.precision)  # no-op for full fine-tuning and non-bf16 runs
+            if self.cfg.trainer.compile:
+                compile_training_forward(self)
+
+    # ranking and saving see the exact frozen weights (bf16-true converts the module again at validate/test)
+    def on_validation_start(self):
+        self.frozen_bf16.exact()
+
+    def on_validation_end(self):
+        if self.trainer.state.fn == "fit":  # back to training
+            self.frozen_bf16.hold(self.trainer.precision)
+
+    def on_test_start(self):
+        self.frozen_bf16.exact()
+
+    def on_fit_end(self):
+        self.frozen_bf16.exact()
 
     def on_load_checkpoint(self, checkpoint):
         if self.sampler is not None:  # mid-epoch resume: continue with the batches not yet seen
@@ -111,7 +133,8 @@ def supervise_history(enc: Encoded, first_item_len: int, new_start: int) -> Enco
 
 
 def train_rows(ds: Dataset, train: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig, new: NewTokens) -> list:
-    # the paper's three phrasings, one per example in turn; rec rows have no free text to shorten, so
+    # the reference for gti.rows.rec_train_rows (what the stages use: the same rows composed and cached),
+    # every row tokenised from its text. The paper's three phrasings, one per example in turn; rec rows have no free text to shorten, so
     # a history too long is an error named here, before encode() would raise on it
     if train:
         check_prompt_lengths(ds, train, fmt, cfg)

@@ -6,11 +6,13 @@ import os
 import platform
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from gti import STARTED
 from gti.config import DataConfig, SidsConfig, TrainerConfig, to_dict, to_yaml
 from gti.data import Dataset, dataset_file, item_text, load_dataset
 from gti.errors import ConfigError
@@ -119,17 +121,18 @@ def extend_model(
 FULL_LOSS_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_router_logits")
 
 
-def lean_lm_loss(model, batch: dict) -> torch.Tensor:
+def lean_lm_loss(model, batch: dict, decoder=None) -> torch.Tensor:
     """HF's causal-LM loss (transformers' ForCausalLMLoss: fp32 cross-entropy, mean over labelled
     tokens) with the LM head applied only where a label is read (design.md §10). Works for a plain
-    HF model, a peft-wrapped one and the overlay's NewRowsHead (tied or untied)."""
+    HF model, a peft-wrapped one and the overlay's NewRowsHead (tied or untied). `decoder`: the
+    model's decoder forward compiled (trainer.compile), else the decoder itself."""
     labels = batch["labels"]
     keep = labels[:, 1:] != -100  # (B, T-1): position t predicts token t+1
     # the boolean index needs the count on the host: taken before the forward is queued, it waits
     # only for the batch's copy to the device, not for the decoder's compute
     target = labels[:, 1:][keep]  # (N,)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers sit in place
-    hidden = base.get_decoder()(
+    hidden = (decoder or base.get_decoder())(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state  # (B, T, d)
     logits = base.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V), not (B, T, V)
@@ -140,12 +143,29 @@ def uses_full_loss(model) -> bool:
     return any(getattr(model.config, k, None) for k in FULL_LOSS_KEYS)
 
 
+def takes_lean_step(module) -> bool:
+    return module.lean_step and not uses_full_loss(module.model)
+
+
+def compile_training_forward(module) -> None:
+    """trainer.compile: torch.compile the forward the training step runs, the decoder's under the lean step, the
+    whole model's otherwise; ranking and generation stay eager (their shapes change every step).
+
+    A compiled bound `forward`, not a compiled module: stored on the LightningModule, an `OptimizedModule` would
+    become a submodule and every weight would appear twice in its state_dict."""
+    model = module.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target = base.get_decoder() if takes_lean_step(module) else model
+    module.compiled_forward = torch.compile(target.forward)
+
+
 def lm_training_step(module, batch: dict) -> torch.Tensor:
     """Next-token loss of `module.model` on a batch, logged; a NaN/inf loss stops the run (both stages).
 
     `module.lean_step` (trainer.lean_step) picks the lean loss; false: HF's full-logits forward, for comparisons."""
     model = module.model
-    loss = lean_lm_loss(model, batch) if module.lean_step and not uses_full_loss(model) else model(**batch).loss
+    compiled = getattr(module, "compiled_forward", None)  # see compile_training_forward
+    loss = lean_lm_loss(model, batch, compiled) if takes_lean_step(module) else (compiled or model)(**batch).loss
     note_divergence(module, loss)
     t, n = module.trainer, module.global_step + 1  # n: optimizer steps once this one is done
     if n % t.log_every_n_steps == 0 or n == t.max_steps or t.is_last_batch:  # and before every checkpoint
@@ -186,13 +206,43 @@ def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def set_threads(t: TrainerConfig) -> None:
+    """trainer.threads > 0: torch's CPU threads for this process (several runs sharing one machine, design.md §10)."""
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+
+
+def process_age() -> float:
+    """Seconds since this process started: its start time in /proc/self/stat (field 22, clock ticks since boot)
+    against /proc/uptime; without /proc, since `gti` was imported."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # fields 3.. after "pid (comm)"
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - STARTED
+
+
+_first_step_reported = False
+
+
+def report_first_step(trainer) -> None:
+    """One line per process at its first training batch: start-up cost (imports, data, model, compile set-up).
+    scripts/ benchmarks parse this exact line."""
+    global _first_step_reported
+    if not _first_step_reported and trainer.is_global_zero:
+        _first_step_reported = True
+        print(f"[gti] first training step began after {process_age():.1f}s", flush=True)
+
+
 def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: list | None = None, **kw):
     import lightning as L
     from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
+    set_threads(t)
     strategy = t.strategy
-    if strategy == "auto" and t.devices > 1:
+    if strategy == "auto" and (t.devices > 1 or t.num_nodes > 1):
         strategy = "ddp"  # multi-GPU is one line (style.md §11)
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=t.checkpoint_every or None)
     # validation during fit: a fraction of each epoch, or every N training batches counted across epochs
@@ -201,6 +251,7 @@ def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: lis
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
+        num_nodes=t.num_nodes,
         strategy=strategy,
         precision=t.precision,
         max_epochs=t.max_epochs if max_steps < 0 else None,
@@ -210,7 +261,12 @@ def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: lis
         log_every_n_steps=t.log_every_n_steps,
         logger=CSVLogger(run_dir, name="logs"),  # logs/version_N: a resumed run keeps the earlier logs
         # no checkpoint holds weights trained on a NaN/inf loss (the step checks only at logging steps)
-        callbacks=[ckpt, LambdaCallback(on_save_checkpoint=lambda _t, module, _c: stop_if_diverged(module)), *(callbacks or [])],
+        callbacks=[
+            ckpt,
+            LambdaCallback(on_save_checkpoint=lambda _t, module, _c: stop_if_diverged(module)),
+            LambdaCallback(on_train_batch_start=lambda trainer, *_: report_first_step(trainer)),
+            *(callbacks or []),
+        ],
         default_root_dir=run_dir,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -271,26 +327,76 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
     """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order as an
     uninterrupted one (a DataLoader generator would restart from the seed). Lightning calls
     `set_epoch` (and wraps the sampler for DDP). After a mid-epoch resume, `resume_after` makes the
-    next pass skip the examples of the batches already trained on."""
+    next pass skip the examples of the batches already trained on.
 
-    def __init__(self, n: int, seed: int, batch_size: int):
-        self.n, self.seed, self.batch_size, self.epoch, self.skip = n, seed, batch_size, 0, 0
+    `lengths` (tokens per row; trainer.group_by_length): each batch holds rows of similar length, so
+    little of it is padding (see `group_by_length`)."""
+
+    def __init__(self, n: int, seed: int, batch_size: int, lengths: list[int] | None = None):
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"lengths has {len(lengths)} entries for {n} rows")
+        self.n, self.seed, self.batch_size, self.lengths = n, seed, batch_size, lengths
+        self.epoch, self.skip_batches = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def resume_after(self, checkpoint: dict) -> None:
         progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
-        self.skip = progress["processed"] * self.batch_size  # batches of the interrupted epoch
+        self.skip_batches = progress["processed"]  # batches (per rank) of the interrupted epoch
+
+    def order(self, epoch: int, world_size: int = 1) -> list[int]:
+        """Every index once: the epoch's order for `world_size` ranks, before any resume skip."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None:
+            return order
+        # under DDP Lightning deals this order out by stride (rank r takes positions r, r+W, ...), so each
+        # rank's batch j is drawn from positions [j*B*W, (j+1)*B*W): group units of B*W rows, not of B
+        return group_by_length(order, self.lengths, self.batch_size * world_size, g)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
-        skip, self.skip = self.skip, 0
-        return iter(order[skip:])
+        dist = torch.distributed
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        skip, self.skip_batches = self.skip_batches * self.batch_size * world, 0
+        return iter(self.order(self.epoch, world)[skip:])
 
     def __len__(self) -> int:
         return self.n
+
+
+def group_by_length(order: list[int], lengths: list[int], unit: int, g: torch.Generator, chunk_units: int = 50) -> list[int]:
+    """A shuffled `order` regrouped into units of `unit` rows of similar length, the units in random order.
+
+    Rows are sorted by length only within chunks of `chunk_units` units, so a batch still mixes rows from
+    across the data set, not the epoch's shortest or longest. A last partial unit stays last: the DataLoader
+    cuts batches by position, so one short unit anywhere else would shift every batch after it."""
+    chunk = unit * chunk_units
+    units = []
+    for s in range(0, len(order), chunk):
+        part = sorted(order[s : s + chunk], key=lambda i: lengths[i])  # stable: equal lengths keep the shuffle
+        units += [part[k : k + unit] for k in range(0, len(part), unit)]
+    tail = units.pop() if units and len(units[-1]) < unit else []
+    return [i for u in torch.randperm(len(units), generator=g).tolist() for i in units[u]] + tail
+
+
+def padded_share(lengths: list[int], batch_size: int, order: list[int]) -> float:
+    """Share of the (B, T) token slots that are padding when `order` is cut into batches padded to their longest row."""
+    pad = slots = 0
+    for s in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[s : s + batch_size]]
+        slots += len(batch) * max(batch)
+        pad += len(batch) * max(batch) - sum(batch)
+    return pad / slots if slots else 0.0
+
+
+def padding_summary(sampler: EpochShuffleSampler, lengths: list[int]) -> str:
+    """The stages' start-up line: padding of plain shuffled batches and, when grouped, of the sampler's (epoch 0)."""
+    plain = EpochShuffleSampler(sampler.n, sampler.seed, sampler.batch_size).order(0)
+    line = f"padded share {padded_share(lengths, sampler.batch_size, plain):.0%}"
+    if sampler.lengths is None:
+        return line + " (trainer.group_by_length=false)"
+    return line + f" -> {padded_share(lengths, sampler.batch_size, sampler.order(0)):.0%} (batches grouped by length)"
 
 
 @dataclass

@@ -49,13 +49,30 @@ class PromptFormatter:
         self.chat = use_chat_template and getattr(tokenizer, "chat_template", None) is not None
         self.system_prompt = system_prompt
         self.eos = tokenizer.eos_token_id
+        self._frame: tuple[str, str] | tuple[()] | None = None  # see prompt_text
 
     def prompt_text(self, prompt: str) -> str:
         if not self.chat:
             return f"{prompt}\nAnswer: "
+        if self._frame is None:
+            self._frame = self._chat_frame()
+        if self._frame:  # the chat template only wraps the prompt: two string joins instead of a Jinja render
+            return self._frame[0] + prompt + self._frame[1]
+        return self._render_chat(prompt)
+
+    def _render_chat(self, prompt: str) -> str:
         # an explicit (possibly empty) system turn keeps templates from injecting a long default one
         messages = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt}]
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def _chat_frame(self) -> tuple[str, str] | tuple[()]:
+        """(head, tail) around the user's text when the chat template renders it verbatim, else ()."""
+        mark = "\x00PROMPT\x00"
+        parts = self._render_chat(mark).split(mark)
+        if len(parts) != 2:
+            return ()
+        probe = " Which item is <a_1>? \"x\" & y "  # a template that edits its text (strip, escape) is not a frame
+        return (parts[0], parts[1]) if self._render_chat(probe) == parts[0] + probe + parts[1] else ()
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return self.tok(self.prompt_text(prompt), add_special_tokens=False)["input_ids"]
@@ -75,6 +92,23 @@ class PromptFormatter:
         p = self.prompt_ids(prompt)
         r = self.tok(response, add_special_tokens=False)["input_ids"] + [self.eos]
         return Encoded(p + r, [-100] * len(p) + r)
+
+    def encode_many(self, specs: list[tuple[tuple[str, str], dict[str, str], str]], max_length: int) -> tuple[list[Encoded], int]:
+        """encode_fields over many (template, fields, what) at once: one batched call of the fast tokenizer for
+        every prompt and every response; only rows over max_length take the per-row shortening path.
+        Returns the rows and how many were shortened."""
+        texts = [render(template, **fields) for template, fields, _ in specs]
+        prompts = self.tok([self.prompt_text(p) for p, _ in texts], add_special_tokens=False)["input_ids"] if texts else []
+        responses = self.tok([r for _, r in texts], add_special_tokens=False)["input_ids"] if texts else []
+        rows, shortened = [], 0
+        for (template, fields, what), p, r in zip(specs, prompts, responses):
+            if len(p) + len(r) + 1 <= max_length:
+                rows.append(Encoded(p + r + [self.eos], [-100] * len(p) + r + [self.eos]))
+                continue
+            row, cut = self.encode_fields(template, fields, max_length, what)
+            rows.append(row)
+            shortened += cut
+        return rows, shortened
 
     def encode_fields(
         self, template: tuple[str, str], fields: dict[str, str], max_length: int, what: str

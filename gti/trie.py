@@ -67,6 +67,7 @@ class SidTrie:
         parents, tokens, children = [], [], []
         node_of_row = torch.zeros(self.num_items, dtype=torch.long)  # (M,) node of the prefix so far
         next_id = 1
+        level_start = [0, 1]  # nodes at depth d are ids level_start[d] .. level_start[d+1]-1
         for d in range(self.max_len):
             alive = row_len > d
             new = alive & (lcp <= d)
@@ -76,6 +77,7 @@ class SidTrie:
             children.append(ids[new])
             node_of_row = torch.where(alive, ids, node_of_row)
             next_id += int(new.sum())
+            level_start.append(next_id)
         self.num_nodes = next_id
         parent = torch.cat(parents)  # (E,) with E = num_nodes - 1, already sorted by (parent, token)
         self.child_token = torch.cat(tokens)  # (E,)
@@ -84,6 +86,8 @@ class SidTrie:
         counts = torch.bincount(parent, minlength=self.num_nodes)
         self.child_ptr = torch.zeros(self.num_nodes + 1, dtype=torch.long)  # (nodes+1,)
         self.child_ptr[1:] = torch.cumsum(counts, 0)
+        # fanout[d]: most children of any node at depth d (d = 0 .. max_len), a static width for beam search
+        self.fanout = [int(counts[a:b].max()) for a, b in itertools.pairwise(level_start)]
 
         # Terminal node of each item, then a CSR node -> items map (item ids ascending within a node).
         terminal = torch.empty(self.num_items, dtype=torch.long)
@@ -310,7 +314,7 @@ def hf_constrained_beam_search(
 
 
 @torch.no_grad()
-def constrained_beam_search(
+def constrained_beam_search_reference(
     model,
     tokenizer,
     input_ids: torch.Tensor,
@@ -320,10 +324,8 @@ def constrained_beam_search(
     num_return: int,
     max_new_tokens: int | None = None,
 ) -> list[list[tuple[list[int], float]]]:
-    """Trie-constrained beam search over left-padded prompts (B, P).
-
-    Returns, per prompt, up to min(num_return, num_beams) (SID token ids, joint log-prob of SID + EOS)
-    best first. Fewer come back when the trie has fewer valid continuations than beams.
+    """The first prefill-once decoder, kept as the reference `constrained_beam_search` is checked against, and
+    for attention kernels that take no custom mask. Same contract as `constrained_beam_search`.
 
     Textbook beam search, the same hypotheses as HF's with length_penalty=0 (`hf_constrained_beam_search`),
     but each prompt is encoded once and its KV cache copied to its beams afterwards, where generate()
@@ -342,21 +344,13 @@ def constrained_beam_search(
     eos = trie.eos_token_id
     steps = max_new_tokens or trie.max_len + 1
 
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    cache = out.past_key_values
+    cache, logp, last_pos = _prefill(model, input_ids, attention_mask)
     cache.batch_repeat_interleave(k)  # (B*P) -> (B*K*P): each prompt's cache copied to its beams
-    logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1).repeat_interleave(k, 0)  # (B*K, V)
+    logp = logp.repeat_interleave(k, 0)  # (B*K, V)
     vocab = logp.shape[1]
     trie._check_vocab(vocab)
     mask = attention_mask.repeat_interleave(k, 0)
-    next_pos = position_ids[:, -1].repeat_interleave(k, 0) + 1
+    next_pos = last_pos.repeat_interleave(k, 0) + 1
     # one live beam per prompt at the start; the other K-1 are copies that must not be expanded
     scores = torch.full((batch, k), float("-inf"), device=device)
     scores[:, 0] = 0.0
@@ -373,18 +367,12 @@ def constrained_beam_search(
         width = min(2 * k, k * vocab)
         top, idx = canvas.view(batch, k * vocab).topk(width, dim=1)  # (B, 2K), best first
         beam, token = idx // vocab, idx % vocab
-        ends = (token == eos) & torch.isfinite(top)
-        ends[:, k:] = False  # HF's rule: an EOS ranked below K does not finish a hypothesis
+        ends, order, alive = _split_candidates(token, top, k, eos)
         for b, j in torch.nonzero(ends).tolist():
             seq = prefixes[offsets[b, 0] + beam[b, j]].tolist()
             finished[b].append((seq, float(top[b, j])))
-        # the best K non-EOS candidates stay alive (there are >= K: each beam has one EOS at most)
-        keep = token != eos
-        rank = keep.long().cumsum(1)
-        keep &= rank <= k
-        order = torch.argsort((~keep).long(), dim=1, stable=True)[:, :k]  # kept columns first, in order
         beam, token, top = beam.gather(1, order), token.gather(1, order), top.gather(1, order)
-        top = torch.where(keep.gather(1, order), top, float("-inf"))
+        top = torch.where(alive, top, float("-inf"))
         origin = (offsets + beam).flatten()
         scores, token = top.flatten(), token.flatten()
         prefixes = torch.cat([prefixes[origin], token[:, None]], dim=1)
@@ -419,6 +407,164 @@ def _search_done(finished: list[list[tuple[list[int], float]]], alive: torch.Ten
         if len(hyps) < num_return or best > sorted((h[1] for h in hyps), reverse=True)[num_return - 1]:
             return False
     return True
+
+
+def _prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Encode each prompt once: its KV cache, (B, V) log-probs of the next token, (B,) position of its last token."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    return out.cache, torch.log_softmax(out.logits[:, -1].float(), dim=-1), position_ids[:, -1]
+
+
+def _split_candidates(token: torch.Tensor, top: torch.Tensor, k: int, eos: int):
+    """(B, W) candidates, best first -> ends (B, W): the finite EOS within the top K, which finish a hypothesis
+    (HF's rule: an EOS ranked below K does not); order, alive (B, K): the columns of the best K candidates that do
+    not end in EOS and whether each is a real one (there are >= K columns: each beam has one EOS at most)."""
+    ends = (token == eos) & torch.isfinite(top)
+    ends[:, k:] = False
+    keep = token != eos
+    keep &= keep.long().cumsum(1) <= k
+    order = torch.argsort((~keep).long(), dim=1, stable=True)[:, :k]  # kept columns first, in rank order
+    return ends, order, keep.gather(1, order)
+
+
+def _takes_tree_mask(config, span: int) -> bool:
+    """Whether the model's attention takes a custom 4D mask (sdpa: bool, eager: additive; flash and flex take
+    none) and a full-attention mask is exact: no sliding window shorter than the `span` positions decoded."""
+    window = getattr(config, "sliding_window", None)
+    return config._attn_implementation in ("sdpa", "eager") and (window is None or span <= window)
+
+
+@torch.no_grad()
+def constrained_beam_search(
+    model,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    trie: SidTrie,
+    num_beams: int,
+    num_return: int,
+    max_new_tokens: int | None = None,
+) -> list[list[tuple[list[int], float]]]:
+    """Trie-constrained beam search over left-padded prompts (B, P).
+
+    Returns, per prompt, up to min(num_return, num_beams) (SID token ids, joint log-prob of SID + EOS)
+    best first. Fewer come back when the trie has fewer valid continuations than beams.
+
+    The hypotheses and scores of `constrained_beam_search_reference` (HF's beam search with length_penalty=0),
+    with far less memory traffic and no host sync inside the step loop:
+    - Tree attention: each prompt is encoded once and its K beams decode as K query positions of the prompt's
+      row. The KV cache holds the prompt once plus K slots per step, and a (B, 1, K, P + K*(t+1)) mask lets each
+      beam see the prompt and its own ancestors, so reordering beams reorders mask rows, never the cache (the
+      reference copies each prompt's cache K times and gathers all of it every step).
+    - Candidates are each live beam's trie children, read at the static width fanout[depth] + EOS, not a
+      (B*K, V) canvas.
+    - Finished hypotheses stay on the device, the best num_return per prompt, read once at the end. All
+      max_len + 1 steps run: once the reference's early stop fires, later hypotheses score no higher than
+      an alive beam (log-probs only fall) and lose ties to earlier ones, so they never enter the result.
+    Attention kernels without custom masks (flash, flex) fall back to the reference.
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    _check_left_padded(attention_mask)
+    steps = max_new_tokens or trie.max_len + 1
+    if not _takes_tree_mask(model.config, input_ids.shape[1] + steps):
+        return constrained_beam_search_reference(
+            model, tokenizer, input_ids, attention_mask, trie, num_beams, num_return, max_new_tokens
+        )
+    device = input_ids.device
+    if trie.device != device:
+        trie.to(device)
+    batch, k, eos = input_ids.shape[0], num_beams, trie.eos_token_id
+
+    cache, logp, last_pos = _prefill(model, input_ids, attention_mask)
+    trie._check_vocab(logp.shape[1])
+    logp = logp[:, None].expand(-1, k, -1)  # (B, K, V) views; only beam 0 is live at the start
+    scores = torch.full((batch, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0
+    nodes = torch.zeros(batch, k, dtype=torch.long, device=device)
+    prefixes = torch.full((batch, k, steps), -1, dtype=torch.long, device=device)  # tokens so far, then -1
+    r = min(num_return, num_beams)
+    done = scores.new_full((batch, r), float("-inf")), prefixes.new_full((batch, r, steps), -1)
+    visible = attention_mask.bool()[:, None].expand(-1, k, -1)  # (B, K, S): cache slots each beam attends to
+    own_slot = torch.eye(k, dtype=torch.bool, device=device).expand(batch, k, k)
+
+    for step in range(steps):
+        top, beam, token, child = _candidates(trie, nodes, scores, logp, step, width=2 * k)  # (B, W)
+        ends, order, alive = _split_candidates(token, top, k, eos)
+        ended = torch.where(ends[:, :k], top[:, :k], float("-inf"))
+        done = _merge_finished(*done, ended, prefixes.gather(1, beam[:, :k, None].expand(-1, -1, steps)))
+        beam, token, nodes = beam.gather(1, order), token.gather(1, order), child.gather(1, order)
+        scores = torch.where(alive, top.gather(1, order), float("-inf"))
+        prefixes = prefixes.gather(1, beam[..., None].expand(-1, -1, steps))
+        prefixes[:, :, step] = token
+        if step == steps - 1:
+            break
+        visible = torch.cat([visible.gather(1, beam[..., None].expand(-1, -1, visible.shape[2])), own_slot], 2)
+        logp = _decode_beams(model, cache, token, visible, last_pos + 1 + step)
+
+    return [
+        [([t for t in seq if t >= 0], s) for s, seq in zip(row_scores, row_seqs, strict=True) if s > DEAD_SCORE]
+        for row_scores, row_seqs in zip(done[0].tolist(), done[1].tolist(), strict=True)
+    ]
+
+
+def _candidates(trie: SidTrie, nodes: torch.Tensor, scores: torch.Tensor, logp: torch.Tensor, depth: int, width: int):
+    """The best `width` trie-valid continuations per prompt, best first.
+
+    nodes, scores (B, K); logp (B, K, V). Every live beam sits at `depth`, and a node's children are one CSR
+    range, so each beam's candidates fit a static (F + 1) columns: F = fanout[depth] children, then EOS where a
+    full SID ends. Returns (B, W) joint scores (-inf: no candidate), source beam, token, and the node it leads to.
+    """
+    batch, k = nodes.shape
+    fan = trie.fanout[depth] if depth < len(trie.fanout) else 0
+    live = torch.isfinite(scores) & (nodes >= 0)
+    node = nodes.clamp(min=0)
+    start = trie.child_ptr[node]
+    count = torch.where(live, trie.child_ptr[node + 1] - start, 0)
+    offset = torch.arange(fan, device=nodes.device)
+    edge = (start[..., None] + offset).clamp(max=trie.child_token.numel() - 1)  # (B, K, F), in range
+    stop = torch.full_like(node[..., None], trie.eos_token_id)
+    token = torch.cat([trie.child_token[edge], stop], dim=2)  # (B, K, F + 1), every id a real token
+    child = torch.cat([trie.child_node[edge], torch.full_like(stop, -1)], dim=2)
+    valid = torch.cat([offset < count[..., None], (live & trie.is_complete[node])[..., None]], dim=2)
+    joint = torch.where(valid, scores[..., None] + logp.gather(2, token), float("-inf"))
+    top, idx = joint.view(batch, -1).topk(min(width, k * (fan + 1)), dim=1)
+    return top, idx // (fan + 1), token.view(batch, -1).gather(1, idx), child.view(batch, -1).gather(1, idx)
+
+
+def _merge_finished(scores: torch.Tensor, seqs: torch.Tensor, new_scores: torch.Tensor, new_seqs: torch.Tensor):
+    """The best R of the finished hypotheses so far (B, R) and this step's (B, K), with their (.., L) tokens.
+
+    A stable sort keeps the earlier hypothesis first on ties, as the reference's list sort does."""
+    scores, seqs = torch.cat([scores, new_scores], 1), torch.cat([seqs, new_seqs], 1)
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, : scores.shape[1] - new_scores.shape[1]]
+    return scores.gather(1, order), seqs.gather(1, order[..., None].expand(-1, -1, seqs.shape[2]))
+
+
+def _decode_beams(model, cache, token: torch.Tensor, visible: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One step of every beam: token (B, K) at position (B,), as K query positions of its prompt's row.
+
+    visible (B, K, S) marks the cache slots each beam attends to: the prompt, then one slot per beam per step.
+    The cache grows by K slots per row in place. Returns (B, K, V) log-probs."""
+    mask = visible[:, None]  # (B, 1, K, S), the same for all heads; sdpa takes it as bool (True = attend)
+    if model.config._attn_implementation == "eager":  # eager adds its mask to the attention scores
+        bias = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device)
+        mask = bias.masked_fill(~mask, torch.finfo(model.dtype).min)
+    out = model(
+        input_ids=token,  # dead beams (score -inf) hold some real token too; their outputs are never read
+        attention_mask=mask,
+        position_ids=position[:, None].expand_as(token),
+        cache=cache,
+        use_cache=True,
+    )
+    return torch.log_softmax(out.logits.float(), dim=-1)
 
 
 def beams_to_items(beams: list[list[tuple[list[int], float]]], trie: SidTrie) -> list[list[int]]:

@@ -1,12 +1,25 @@
-"""Tokens/s of the grounding and fine-tuning steps as the stages run them, lean vs today's full-logits step.
+"""Issue 16's speed table in one run, on CPU or CUDA: training tokens/s, ranking users/s, time to first step.
 
-Measured (issue 16, this script so far): each stage's LightningModule + `make_trainer` Trainer on real
-ML-100K rows (`grounding_examples`, `train_rows`), `trainer.lean_step` true vs false, in fp32 and bf16
-autocast. The variants alternate step by step in one fit (lean, full, full, lean, ...), so a shared CPU
-slows both alike. Tokens are the real (unpadded) tokens.
-Not measured yet (issue 16 asks for them too): a raw PyTorch twin loop, ranking users/s, time to first step.
-    python scripts/bench_throughput.py                    # SmolLM2-135M, ground 16 x 64, finetune 8 x 96
-    python scripts/bench_throughput.py --steps 2 --precision 32-true   # a quick look
+Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's SID tokens):
+  1. ours: the grounding step (overlay rows only) and the fine-tuning step (all parameters) as the stages run
+     them: LightningModule + the stages' Trainer (`make_trainer`), timed start-to-start of each loop iteration
+     (fetch, device copy, step, logging), in real (unpadded) tokens/s;
+  2. raw: a minimal PyTorch twin of the same computation on its own model copy and the same batches: head at
+     labelled positions + fp32 cross-entropy, plain AdamW, clip 1.0, autocast for bf16-mixed, no Lightning;
+  3. full: today's full-logits step (trainer.lean_step=false).
+  Ours-lean and ours-full alternate step by step (lean, full, full, lean, ...) and a raw step runs before each
+  of them, so a shared CPU slows all three alike. Targets: ours/raw >= 0.9x; lean/full is the lean step's gain.
+  4. ranking users/s on ML-100K test users (prompts as EvalCollate builds them, template 0): our decoder
+     (`gti.trie.constrained_beam_search`) vs HF generate + trie (`hf_constrained_beam_search`), alternating per
+     batch, and the share of users for whom both return the same item list. New rows start random, not mean:
+     identical rows would tie every SID score and make the comparison meaningless.
+  5. time from the command to the first training step of `python -m gti.finetune` (1 step, 2 test users), as
+     the stage prints it, run twice: the second run finds the tokenised-row cache the first one wrote (the first
+     is cold only if no earlier run cached the same rows).
+    OMP_NUM_THREADS=1 python scripts/bench_throughput.py --steps 1 --warmup 1 --precision 32-true \\
+        --rank-users 8 --beams 5 --no-ttfs                     # CPU, a quick look (~3 CPU minutes)
+    python scripts/bench_throughput.py --accelerator gpu --steps 20 --warmup 3 --ground-batch 64 \\
+        --finetune-batch 32 --rank-users 512 --rank-batch 32  # CUDA, the full table (ttfs on ml-1m)
 """
 
 from __future__ import annotations
@@ -14,35 +27,98 @@ from __future__ import annotations
 import argparse
 import copy
 import random
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_STEP = re.compile(r"first training step began after ([0-9.]+)s")
 
-class AlternatingTimer:
-    """Lightning callback hooks: flips `module.lean_step` every step (lean, full, full, lean, ...) and
-    sums wall time and real tokens per variant after `warmup` steps, so a shared CPU slows both alike."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.t0 = warmup, 0.0
-        self.seconds, self.tokens = {True: 0.0, False: 0.0}, {True: 0, False: 0}
+def sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
-    def sync(self, module) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize()
+
+# ----------------------------------------------------------------------------------------- training steps
+def raw_loss(model, batch: dict) -> torch.Tensor:
+    """Next-token loss with the head only where a label is read: (B, T, d) -> (N, d) -> (N, V), fp32 CE."""
+    labels = batch["labels"]
+    keep = labels[:, 1:] != -100  # (B, T-1)
+    target = labels[:, 1:][keep]  # (N,)
+    hidden = model.get_decoder()(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), target)
+
+
+def raw_twin(model, params: list, lr: float, weight_decay: float, precision: str, device: torch.device):
+    """One training step in plain PyTorch, batch from the host as a DataLoader gives it."""
+    model.to(device).train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def step(batch: dict) -> None:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = raw_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+class Interleaved:
+    """Lightning hooks. Each iteration is timed from its on_train_batch_start to the next one's (the whole loop:
+    step, logging, scheduler, next fetch and device copy); before it, the raw twin's step on the same batch runs,
+    timed on its own. The last batch only closes the iteration before it."""
+
+    def __init__(self, data: list[dict], twin, warmup: int, device: torch.device):
+        self.data, self.twin, self.warmup, self.device = data, twin, warmup, device
+        self.seconds = {"lean": 0.0, "full": 0.0, "raw": 0.0}
+        self.tokens = dict.fromkeys(self.seconds, 0)
+        self.t0, self.variant = 0.0, "lean"
+
+    def add(self, variant: str, seconds: float, batch_idx: int) -> None:
+        if batch_idx >= self.warmup:
+            self.seconds[variant] += seconds
+            self.tokens[variant] += int(self.data[batch_idx]["attention_mask"].sum())
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        now = sync(self.device)
+        if batch_idx > 0:
+            self.add(self.variant, now - self.t0, batch_idx - 1)
+        if batch_idx == len(self.data) - 1:
+            return
+        self.twin(self.data[batch_idx])
+        self.add("raw", sync(self.device) - now, batch_idx)
         module.lean_step = (batch_idx - self.warmup) % 4 in (0, 3)  # ABBA after warm-up: each variant as often first
-        self.sync(module)
-        self.t0 = time.perf_counter()
+        self.variant = "lean" if module.lean_step else "full"
+        self.t0 = sync(self.device)
 
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.sync(module)
-        if batch_idx >= self.warmup:
-            self.seconds[module.lean_step] += time.perf_counter() - self.t0
-            self.tokens[module.lean_step] += int(batch["attention_mask"].sum())
+
+def step_speed(module, twin, data: list[dict], precision: str, accelerator: str, warmup: int) -> dict[str, float]:
+    """Tokens/s of ours-lean, ours-full and raw over the same batches; len(data) = warmup + 2 * steps + 1."""
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    from gti.config import TrainerConfig
+    from gti.setup import make_trainer
+
+    timer = Interleaved(data, twin, warmup, device_for(accelerator))
+    hooks = LambdaCallback(on_train_batch_start=timer.on_train_batch_start)
+    cfg = TrainerConfig(max_steps=len(data), accelerator=accelerator, precision=precision)
+    with tempfile.TemporaryDirectory() as tmp:  # the stages' Trainer; no progress bar in this table
+        trainer = make_trainer(cfg, Path(tmp), len(data), callbacks=[hooks], enable_progress_bar=False)
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    return {v: timer.tokens[v] / timer.seconds[v] for v in timer.seconds}
 
 
 def batches(rows: list, batch_size: int, n: int, pad_id: int, seed: int = 0) -> list[dict]:
@@ -52,23 +128,13 @@ def batches(rows: list, batch_size: int, n: int, pad_id: int, seed: int = 0) -> 
     return [pad_batch(picked[i * batch_size : (i + 1) * batch_size], pad_id) for i in range(n)]
 
 
-def tokens_per_s(module, data: list[dict], precision: str, accelerator: str, warmup: int) -> dict[bool, float]:
-    from lightning.pytorch.callbacks import LambdaCallback
-
-    from gti.config import TrainerConfig
-    from gti.setup import make_trainer
-
-    timer = AlternatingTimer(warmup)
-    hooks = LambdaCallback(on_train_batch_start=timer.on_train_batch_start, on_train_batch_end=timer.on_train_batch_end)
-    cfg = TrainerConfig(max_steps=len(data), accelerator=accelerator, precision=precision)
-    with tempfile.TemporaryDirectory() as tmp:  # the stages' Trainer; no progress bar in this table
-        trainer = make_trainer(cfg, Path(tmp), len(data), callbacks=[hooks], enable_progress_bar=False)
-        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
-    return {lean: timer.tokens[lean] / timer.seconds[lean] for lean in (True, False)}
+def device_for(accelerator: str) -> torch.device:
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if gpu else "cpu")
 
 
 def build(args):
-    """SmolLM2 extended with ML-100K's SID tokens, its grounding rows and fine-tuning rows."""
+    """SmolLM2 extended with ML-100K's SID tokens (random new rows), its grounding and fine-tuning rows."""
     from gti.config import DataConfig, FinetuneConfig, GroundStageConfig
     from gti.data import last_per_user, leave_one_out, load_dataset
     from gti.grounding import grounding_examples
@@ -77,13 +143,137 @@ def build(args):
     from gti.templates import PromptFormatter
 
     ds = subset(load_dataset(args.data_root, args.dataset, need_index=True), 0, 0)
-    model, tok, new = extend_model(args.model, ds, "mean", {}, None, 0)
+    model, tok, new = extend_model(args.model, ds, "random", {}, None, 0)
     fmt = PromptFormatter(tok)
     ground_rows = grounding_examples(ds, new, fmt, GroundStageConfig().templates, args.ground_len, stage="bench")
     ft = FinetuneConfig(data=DataConfig(max_history=args.history), max_length=args.finetune_len)
     train = last_per_user(leave_one_out(ds.inter, ft.data.max_history)["train"], 1)
     ft_rows = train_rows(ds, train, fmt, ft, new)
-    return model, tok, new, ft, ground_rows, ft_rows
+    return ds, model, tok, new, fmt, ft, ground_rows, ft_rows
+
+
+def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
+    from gti.grounding import GroundingModule
+    from gti.overlay import install_overlay
+    from gti.recommender import RecommenderModule
+
+    n = args.warmup + 2 * args.steps + 1
+    ground_data = batches(ground_rows, args.ground_batch, n, tok.pad_token_id)
+    ft_data = batches(ft_rows, args.finetune_batch, n, tok.pad_token_id)
+    raw_ft, raw_ground = copy.deepcopy(model), copy.deepcopy(model)
+    raw_cells = {
+        "ground": (raw_ground, install_overlay(raw_ground, new.start, len(new)), 1e-3, 0.0),
+        "finetune": (raw_ft, list(raw_ft.parameters()), ft_cfg.optim.lr, ft_cfg.optim.weight_decay),
+    }
+    modules = {
+        "finetune": (RecommenderModule(copy.deepcopy(model), tok, None, ft_cfg), ft_data),  # full fine-tuning
+        "ground": (GroundingModule(model, new, lr=1e-3, weight_decay=0.0, warmup_steps=0), ground_data),  # overlay
+    }
+    speed = {}
+    for precision in args.precision:
+        for stage in ("ground", "finetune"):
+            module, data = modules[stage]
+            twin = raw_twin(*raw_cells[stage], precision, device_for(args.accelerator))
+            speed[(stage, precision)] = tps = step_speed(module, twin, data, precision, args.accelerator, args.warmup)
+            print(f"[bench] {stage} {precision}: ours {tps['lean']:.0f}, raw {tps['raw']:.0f}, "
+                  f"full {tps['full']:.0f} tokens/s", flush=True)  # fmt: skip
+    return speed
+
+
+# ----------------------------------------------------------------------------------------- ranking
+def ranking_speed(args, ds, model, tok, fmt) -> dict:
+    """Users/s of our decoder vs HF generate + trie on the same prompts, alternating per batch (ABBA)."""
+    from gti.data import leave_one_out
+    from gti.recommender import EvalCollate
+    from gti.trie import SidTrie, beams_to_items, constrained_beam_search, hf_constrained_beam_search
+
+    device = device_for(args.accelerator)
+    users = args.rank_users or (512 if device.type == "cuda" else 8)
+    test = leave_one_out(ds.inter, args.history)["test"][:users]
+    collate = EvalCollate(fmt, ds, 0)
+    prompts = [collate(test[i : i + args.rank_batch]) for i in range(0, len(test), args.rank_batch)]
+    trie = SidTrie([tok.convert_tokens_to_ids(ds.index[i]) for i in sorted(ds.index)], tok.eos_token_id).to(device)
+    model.to(device).eval()
+    decoders = {"ours": constrained_beam_search, "hf": hf_constrained_beam_search}
+
+    def rank(name: str, batch: dict) -> list[list[int]]:
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        with torch.no_grad():
+            return beams_to_items(decoders[name](model, tok, ids, mask, trie, args.beams, args.beams), trie)
+
+    for name in decoders:  # warm-up on one prompt, 2 beams
+        ids, mask = (prompts[0][k][:1].to(device) for k in ("input_ids", "attention_mask"))
+        decoders[name](model, tok, ids, mask, trie, 2, 2)
+    seconds, items = {"ours": 0.0, "hf": 0.0}, {"ours": [], "hf": []}
+    for i, batch in enumerate(prompts):
+        for name in ("ours", "hf") if i % 4 in (0, 3) else ("hf", "ours"):
+            t = sync(device)
+            items[name] += rank(name, batch)
+            seconds[name] += sync(device) - t
+    same = sum(a == b for a, b in zip(items["ours"], items["hf"])) / len(test)
+    out = {"users": len(test), **{n: len(test) / s for n, s in seconds.items()}, "identical": same}
+    print(f"[bench] ranking {len(test)} users, beam {args.beams}: ours {out['ours']:.1f}, hf {out['hf']:.1f} users/s; "
+          f"identical item lists for {same:.0%}", flush=True)  # fmt: skip
+    return out
+
+
+# ----------------------------------------------------------------------------------------- time to first step
+def sids_overrides(root: str, name: str) -> list[str]:
+    """The stage must use the index on disk: pass the quantiser settings its report records (ml-1m: 3 x 64)."""
+    import json
+
+    from gti.config import SidsConfig
+
+    report = Path(root) / name / f"{name}.sids_report.json"
+    settings = json.loads(report.read_text()).get("settings", {}) if report.is_file() else {}
+    keys = set(SidsConfig.__dataclass_fields__) - {"data", "encoder"}  # encoder is recorded as a file tag
+    return [f"sids.{k}={json.dumps(v)}" for k, v in settings.items() if k in keys]
+
+
+def time_to_first_step(args) -> list[tuple[float | None, float]]:
+    """(seconds to the first training step as the stage prints it, wall seconds of the whole command), x2."""
+    root = str(Path(args.data_root).resolve())
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "gti.finetune", f"data.name={args.ttfs_dataset}", f"data.root={root}",
+               *sids_overrides(root, args.ttfs_dataset), f"model={args.model}", "max_length=192",
+               "trainer.max_steps=1", f"trainer.accelerator={args.accelerator}", f"trainer.precision={args.precision[0]}",
+               "eval.max_users=2", "eval.valid=false", "eval.num_beams=5", "eval.ks=[5]", f"output_dir={tmp}/run"]  # fmt: skip
+        for run in ("first", "second"):
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            wall = time.perf_counter() - t
+            if proc.returncode:
+                raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+            found = FIRST_STEP.search(proc.stdout + proc.stderr)
+            runs.append((float(found.group(1)) if found else None, wall))
+            shown = f"{runs[-1][0]:.1f}s" if found else "n/a (stage does not print it)"
+            print(f"[bench] gti.finetune on {args.ttfs_dataset}, {run} run: first step after {shown}, "
+                  f"command took {wall:.1f}s", flush=True)  # fmt: skip
+    return runs
+
+
+# ----------------------------------------------------------------------------------------- report
+def print_table(args, speed: dict, ranking: dict | None, ttfs: list | None) -> None:
+    gpu = device_for(args.accelerator).type == "cuda"
+    where = f"cuda ({torch.cuda.get_device_name()})" if gpu else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"\nmodel={args.model} on {where}; ground {args.ground_batch} x {args.ground_len}, finetune "
+          f"{args.finetune_batch} x {args.finetune_len}; {args.steps} steps per variant, interleaved")  # fmt: skip
+    print(f"{'stage':9} {'precision':11} {'ours tok/s':>11} {'raw tok/s':>10} {'full tok/s':>11} "
+          f"{'ours/raw':>9} {'lean/full':>10}")  # fmt: skip
+    for (stage, precision), s in speed.items():
+        print(f"{stage:9} {precision:11} {s['lean']:11.0f} {s['raw']:10.0f} {s['full']:11.0f} "
+              f"{s['lean'] / s['raw']:8.2f}x {s['lean'] / s['full']:9.2f}x")  # fmt: skip
+    print("ours = the stages' lean step (LightningModule + make_trainer); raw = plain PyTorch twin (target "
+          "ours/raw >= 0.9x); full = trainer.lean_step=false")  # fmt: skip
+    if ranking:
+        print(f"\nranking {ranking['users']} {args.dataset} test users, beam {args.beams}, batch {args.rank_batch}: "
+              f"ours {ranking['ours']:.1f} users/s, HF generate + trie {ranking['hf']:.1f} users/s, "
+              f"ours/hf {ranking['ours'] / ranking['hf']:.2f}x; identical item lists {ranking['identical']:.0%}")  # fmt: skip
+    if ttfs:
+        shown = [f"{s:.1f}s" if s is not None else "n/a (stage does not print it)" for s, _ in ttfs]
+        print(f"\ntime to first training step, gti.finetune on {args.ttfs_dataset}: first run {shown[0]}, "
+              f"second (cached) run {shown[1]} (whole commands: {ttfs[0][1]:.0f}s, {ttfs[1][1]:.0f}s)")  # fmt: skip
 
 
 def main() -> None:
@@ -95,44 +285,27 @@ def main() -> None:
     ap.add_argument("--ground-len", type=int, default=64)
     ap.add_argument("--finetune-batch", type=int, default=8)
     ap.add_argument("--finetune-len", type=int, default=96)
-    ap.add_argument(
-        "--history", type=int, default=10, help="items of history in a fine-tuning row (fits --finetune-len)"
-    )
+    ap.add_argument("--history", type=int, default=10, help="items of history in a row / prompt (fits --finetune-len)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per variant (lean and full alternate)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    ap.add_argument("--precision", nargs="+", default=["32-true", "bf16-mixed"])
-    ap.add_argument("--accelerator", default="auto")
+    ap.add_argument("--precision", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"])
+    ap.add_argument("--accelerator", default="auto", help="auto | cpu | gpu")
     ap.add_argument("--threads", type=int, default=0, help=">0: torch.set_num_threads")
+    ap.add_argument("--rank-users", type=int, default=0, help="test users ranked (0: 8 on CPU, 512 on CUDA)")
+    ap.add_argument("--rank-batch", type=int, default=16, help="prompts per beam search (eval.batch_size)")
+    ap.add_argument("--beams", type=int, default=20)
+    ap.add_argument("--no-rank", action="store_true", help="skip the ranking comparison")
+    ap.add_argument("--ttfs-dataset", default="ml-1m", help="dataset of the time-to-first-step runs")
+    ap.add_argument("--no-ttfs", action="store_true", help="skip time to first step (2 gti.finetune runs; slow)")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
-    from gti.grounding import GroundingModule
-    from gti.recommender import RecommenderModule
-
-    model, tok, new, ft_cfg, ground_rows, ft_rows = build(args)
-    n = args.warmup + 2 * args.steps
-    ground_data = batches(ground_rows, args.ground_batch, n, tok.pad_token_id)
-    ft_data = batches(ft_rows, args.finetune_batch, n, tok.pad_token_id)
-    ft_module = RecommenderModule(copy.deepcopy(model), tok, None, ft_cfg)  # full fine-tuning
-    ground_module = GroundingModule(model, new, lr=1e-3, weight_decay=0.0, warmup_steps=0)  # overlay installed
-    cells = [("ground", ground_module, ground_data), ("finetune", ft_module, ft_data)]
-
-    speed = {}
-    for precision in args.precision:
-        for stage, module, data in cells:
-            speed[(stage, precision)] = tps = tokens_per_s(module, data, precision, args.accelerator, args.warmup)
-            print(f"[bench] {stage} {precision}: lean {tps[True]:.0f}, full {tps[False]:.0f} tokens/s", flush=True)
-
-    gpu = torch.cuda.is_available()
-    device = f"cuda ({torch.cuda.get_device_name()})" if gpu else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"\nmodel={args.model} on {device}; ground {args.ground_batch} x {args.ground_len}, "
-          f"finetune {args.finetune_batch} x {args.finetune_len}; {args.steps} steps per variant, alternating")  # fmt: skip
-    print(f"{'stage':9} {'precision':11} {'lean tok/s':>11} {'full tok/s':>11} {'lean/full':>10}")
-    for (stage, precision), tps in speed.items():
-        print(f"{stage:9} {precision:11} {tps[True]:11.0f} {tps[False]:11.0f} {tps[True] / tps[False]:9.2f}x")
-    print("measured: the stages' step (LightningModule + make_trainer Trainer), lean vs full-logits.")
-    print("not measured here yet: raw PyTorch twin loop, ranking users/s, time to first step (issue 16)")
+    ds, model, tok, new, fmt, ft_cfg, ground_rows, ft_rows = build(args)
+    ranking = None if args.no_rank else ranking_speed(args, ds, model, tok, fmt)  # before the overlay goes in
+    speed = training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows)
+    ttfs = None if args.no_ttfs else time_to_first_step(args)
+    print_table(args, speed, ranking, ttfs)
 
 
 if __name__ == "__main__":

@@ -19,3 +19,25 @@ def write_toy_dataset(root: Path, name: str = "toy", users: int = 9, items: int 
     (d / f"{name}.inter.json").write_text(json.dumps(inter))
     (d / f"{name}.index.json").write_text(json.dumps(index))
     return d
+
+
+def spy_train_rows(monkeypatch) -> dict:
+    """Record what gti.finetune.run really trains on: its rows (as Encoded) and the split examples behind them."""
+    import gti.rows
+    from gti.data import last_per_user, leave_one_out
+    from gti.templates import Encoded
+
+    seen: dict = {}
+    real = gti.rows.rec_train_rows
+
+    def rec_train_rows(ds, fmt, cfg, new, stage="gti.finetune"):
+        rows = real(ds, fmt, cfg, new, stage)
+        train = leave_one_out(ds.inter, cfg.data.max_history)["train"]
+        if cfg.train_per_user > 0:
+            train = last_per_user(train, cfg.train_per_user, max(cfg.data.max_history, 1) if cfg.history_loss else 1)
+        rows_ = [Encoded(r["input_ids"], r["labels"]) for r in rows]
+        seen.update(ds=ds, train=train, rows=rows_, new=new, tokenizer=fmt.tok)
+        return rows
+
+    monkeypatch.setattr(gti.rows, "rec_train_rows", rec_train_rows)
+    return seen

@@ -1,24 +1,36 @@
 """The benchmark harness on the tiny model: cells run through the real stage code, resume skips them."""
 
 import json
+import subprocess
+from pathlib import Path
 
+import pytest
 from fixtures import write_toy_dataset
 
-from gti.benchmark import BenchmarkConfig, list_diversity, run
-from gti.config import DataConfig, EvalConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig
+import gti.benchmark
+from gti.benchmark import BenchmarkConfig, check_same_sids, list_diversity, run, run_cell
+from gti.config import DataConfig, EvalConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig, load_config
+from gti.errors import GtiError
+from gti.finetune import eval_problems
+
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
+def tiny_benchmark(tmp_path, model_dir, **kw) -> BenchmarkConfig:
+    """Cells of the tiny model on the toy dataset: 3 steps a stage, one CPU thread per stage process."""
     write_toy_dataset(tmp_path / "data")
     data = DataConfig(name="toy", root=str(tmp_path / "data"))
     trainer = TrainerConfig(max_steps=3, accelerator="cpu", log_every_n_steps=1)
-    cfg = BenchmarkConfig(
-        methods=["mean", "gti-description"], seeds=[0, 1], single_seed=["mean"],
-        ground=GroundConfig(model=tiny_model_dir, data=data, optim=OptimConfig(lr=1e-2, batch_size=8), trainer=trainer),
-        finetune=FinetuneConfig(model=tiny_model_dir, data=data, optim=OptimConfig(batch_size=8), trainer=trainer,
+    return BenchmarkConfig(
+        ground=GroundConfig(model=model_dir, data=data, optim=OptimConfig(lr=1e-2, batch_size=8), trainer=trainer),
+        finetune=FinetuneConfig(model=model_dir, data=data, optim=OptimConfig(batch_size=8), trainer=trainer,
                                 eval=EvalConfig(num_beams=10, ks=[1, 5, 10], batch_size=4, valid=False)),
-        output_dir=str(tmp_path / "bench"), ks=[1, 5, 10],
+        output_dir=str(tmp_path / "bench"), ks=[1, 5, 10], threads=1, **kw,
     )  # fmt: skip
+
+
+def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
+    cfg = tiny_benchmark(tmp_path, tiny_model_dir, methods=["mean", "gti-description"], seeds=[0, 1], single_seed=["mean"])
     out = run(cfg)
     res = json.loads((out / "results.json").read_text())
     assert res["methods"]["mean"]["seeds"] == [0] and res["methods"]["gti-description"]["seeds"] == [0, 1]
@@ -44,3 +56,49 @@ def test_list_diversity_tells_one_list_for_all_from_personal_lists(tmp_path):
     assert list_diversity(same, k=3) == {"k": 3, "users": 4, "unique_list_share": 0.0, "items_covered": 3}
     d = list_diversity(personal, k=2)  # lists cut at k: (0,1) twice, (1,2), (2,3)
     assert d["unique_list_share"] == 0.5 and d["items_covered"] == 4
+
+
+def test_stage_processes_get_their_share_of_the_cores(tmp_path, monkeypatch):
+    envs = []
+
+    def fake_run(cmd, env, **kw):  # records each stage's environment instead of running it
+        envs.append((cmd[2], env))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(gti.benchmark.subprocess, "run", fake_run)
+    run_cell(BenchmarkConfig(output_dir=str(tmp_path / "a"), threads=3), "gti-mean", 0)
+    assert [m for m, _ in envs] == ["gti.ground", "gti.finetune"]
+    for _, env in envs:
+        assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3" and env["TOKENIZERS_PARALLELISM"] == "false"
+    envs.clear()
+    monkeypatch.setattr(gti.benchmark.os, "cpu_count", lambda: 5)
+    run_cell(BenchmarkConfig(output_dir=str(tmp_path / "b"), parallel=2), "mean", 0)  # threads 0: 5 cores // 2
+    assert envs[0][1]["OMP_NUM_THREADS"] == "2"
+    envs.clear()
+    run_cell(BenchmarkConfig(output_dir=str(tmp_path / "c"), parallel=8), "mean", 0)  # never below one thread
+    assert envs[0][1]["OMP_NUM_THREADS"] == "1"
+
+
+def test_parallel_cells_finish_and_a_failed_one_names_its_log(tmp_path, tiny_model_dir, capsys):
+    cfg = tiny_benchmark(tmp_path, tiny_model_dir, methods=["random", "mean", "gti-mean"], seeds=[0], parallel=2)
+    cfg.ground.max_length = 4  # gti.ground rejects it at start-up: gti-mean fails, random and mean do not
+    with pytest.raises(GtiError, match="1 of 3 cells failed") as e:
+        run(cfg)
+    bench = tmp_path / "bench"
+    log = bench / "gti-mean" / "seed0" / "cell.log"
+    assert str(log) in str(e.value) and "max_length >= 8" in log.read_text()
+    for method in ("random", "mean"):  # both ran to the end, their output in their own log
+        assert (bench / method / "seed0" / "finetune" / "metrics.json").is_file()
+        assert "[gti.finetune] done" in (bench / method / "seed0" / "cell.log").read_text()
+    out = capsys.readouterr().out
+    assert f"gti-mean seed 0: FAILED: gti.ground exited with 2; log: {log}" in out
+    assert "random seed 0: finished" in out and "mean seed 0: finished" in out
+
+
+def test_quick_gpu_config_is_ready_to_run():
+    cfg = load_config(BenchmarkConfig, [str(CONFIGS / "benchmark-gpu-quick.yaml")])
+    assert eval_problems(cfg.finetune.eval) == []
+    check_same_sids(cfg)  # gti-mean's grounding and the fine-tunings share one SID index
+    ev = cfg.finetune.eval
+    assert ev.max_users == 0 and not ev.valid and ev.precision == "fp32" and cfg.parallel == 1
+    assert cfg.seeds == [0] and {"random", "mean", "gti-mean"} <= set(cfg.methods)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from fixtures import write_toy_dataset
+from fixtures import spy_train_rows, write_toy_dataset
 
 from gti.config import DataConfig, EvalConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig
 
@@ -73,19 +73,10 @@ def test_ground_then_finetune(tmp_path, ground_run):
 
 
 def test_finetune_with_history_loss_on_tiling_windows(tmp_path, ground_run, monkeypatch):
-    import gti.recommender
     from gti.finetune import run as finetune
 
     out, _ = ground_run
-    seen = {}
-    real_train_rows = gti.recommender.train_rows
-
-    def spy(ds, train, fmt, cfg, new):  # the rows the run really trains on
-        rows = real_train_rows(ds, train, fmt, cfg, new)
-        seen.update(ds=ds, train=train, rows=rows, new=new, tokenizer=fmt.tok)
-        return rows
-
-    monkeypatch.setattr(gti.recommender, "train_rows", spy)
+    seen = spy_train_rows(monkeypatch)
     cfg = FinetuneConfig(
         init_from=str(out),
         history_loss=True,

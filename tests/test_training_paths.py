@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from fixtures import write_toy_dataset
+from fixtures import spy_train_rows, write_toy_dataset
 
 from gti.config import (
     DataConfig,
@@ -53,22 +53,6 @@ def add_callbacks(monkeypatch, *callbacks) -> None:
         return real(t, run_dir, max_steps, [*(cbs or []), *callbacks], **kw)
 
     monkeypatch.setattr(gti.setup, "make_trainer", make_trainer)
-
-
-def spy_train_rows(monkeypatch) -> dict:
-    """Record what gti.finetune.run really trains on."""
-    import gti.recommender
-
-    seen: dict = {}
-    real = gti.recommender.train_rows
-
-    def train_rows(ds, train, fmt, cfg, new):
-        rows = real(ds, train, fmt, cfg, new)
-        seen.update(ds=ds, train=train, rows=rows, new=new, tokenizer=fmt.tok)
-        return rows
-
-    monkeypatch.setattr(gti.recommender, "train_rows", train_rows)
-    return seen
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gti.trie import (
@@ -17,6 +17,7 @@ from gti.trie import (
     TrieLogitsProcessor,
     beams_to_items,
     constrained_beam_search,
+    constrained_beam_search_reference,
     hf_constrained_beam_search,
 )
 
@@ -48,6 +49,7 @@ def test_hand_trie_csr_and_items():
     assert trie.child_ptr.tolist() == [0, 2, 4, 4, 5, 5, 5]
     assert trie.child_token.tolist() == [5, 9, 6, 8, 7]
     assert trie.child_node.tolist() == [1, 2, 3, 4, 5]
+    assert trie.fanout == [2, 2, 1, 0]  # most children at depth 0 (root), 1 (5), 2 (5,6), 3 (leaves)
     assert trie.items_of([5, 6, 7]) == [0, 4]
     assert trie.items_of([5, 6]) == [1]
     assert trie.items_of([5]) == [] and trie.items_of([1, 2]) == [] and trie.items_of([]) == []
@@ -212,6 +214,45 @@ def test_scores_are_joint_log_probs_and_left_padding_is_harmless(tokenizer, posi
             model, tokenizer, prompt, torch.ones_like(prompt), trie, num_beams=1, num_return=1
         )
         assert score == pytest.approx(exact[seqs.index(seq)], rel=0, abs=2e-5)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seqs=sid_lists,  # shared prefixes, colliding SIDs, often fewer valid continuations than beams
+    num_beams=st.sampled_from([1, 3, 8]),
+    num_return=st.integers(1, 8),
+    lengths=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    attention=st.sampled_from(["sdpa", "eager"]),
+    seed=st.integers(0, 2**16),
+)
+@example(  # items 0 and 2 collide; 3 distinct SIDs for 8 beams; 5 returns
+    seqs=[[100, 101], [102], [100, 101], [100, 103, 104]],
+    num_beams=8,
+    num_return=5,
+    lengths=[2, 7],
+    attention="sdpa",
+    seed=0,
+)
+def test_tree_search_matches_reference_decoder(
+    position_sensitive_model, seqs, num_beams, num_return, lengths, attention, seed
+):
+    """The tree-attention decoder returns exactly the reference's hypotheses, in order, with its scores.
+
+    float64 and position-sensitive, so a wrong mask or position moves scores by nats, and float noise
+    cannot swap near-ties (log-probs are float32 in both; differences stay ~1e-7)."""
+    model = position_sensitive_model
+    model.set_attn_implementation(attention)
+    rng = random.Random(seed)
+    width = max(lengths)  # prompts of varying lengths, left-padded with EOS
+    ids = torch.tensor([[EOS] * (width - n) + [rng.randrange(3, 5000) for _ in range(n)] for n in lengths])
+    mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
+    trie = SidTrie(seqs, eos_token_id=EOS)
+    ours = constrained_beam_search(model, None, ids, mask, trie, num_beams, num_return)
+    ref = constrained_beam_search_reference(model, None, ids, mask, trie, num_beams, num_return)
+    assert [[seq for seq, _ in per] for per in ours] == [[seq for seq, _ in per] for per in ref]
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.allclose(torch.tensor([s for _, s in a]), torch.tensor([s for _, s in b]), rtol=0, atol=1e-5)
+    assert beams_to_items(ours, trie) == beams_to_items(ref, trie)
 
 
 def test_duplicate_sids_give_deduplicated_items(tokenizer, tiny_model):
