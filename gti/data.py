@@ -65,9 +65,10 @@ def read_inter(path: str | Path) -> dict[int, list[int]]:
     inter: dict[int, list[int]] = {}
     for key, seq in raw.items():
         user = _int_key(path, key)
-        if not isinstance(seq, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in seq):
+        # set(map(type, ...)) runs in C: a 1M-interaction file is checked in milliseconds (bool is not int here)
+        if not isinstance(seq, list) or set(map(type, seq)) - {int}:
             raise DataError(f"{path}: user {key!r}: expected a list of integer item ids")
-        if any(i < 0 for i in seq):
+        if min(seq, default=0) < 0:
             raise DataError(f"{path}: user {key!r}: negative item id")
         inter[user] = seq
     return inter
@@ -148,9 +149,9 @@ def validate(inter: dict[int, list[int]], items: dict[int, dict], where: str | P
         gap = next(i for i, j in zip(expected + [len(items)], sorted(items) + [-1]) if i != j)
         raise DataError(f"item.json: item ids must be 0..{len(items) - 1}; item {gap} is missing")
     for user, seq in inter.items():
-        bad = [i for i in seq if i not in items]
-        if bad:
-            raise DataError(f"{where}: user {user}: item {bad[0]} is not in item.json")
+        if not items.keys() >= set(seq):
+            bad = next(i for i in seq if i not in items)
+            raise DataError(f"{where}: user {user}: item {bad} is not in item.json")
 
 
 def write_dataset(root: str | Path, name: str, inter: dict[int, list[int]], items: dict[int, dict]) -> Path:

@@ -153,11 +153,13 @@ def run(cfg: FinetuneConfig) -> Path:
         padding_summary,
         run_metadata,
         save_hf,
+        set_threads,
         write_metadata,
     )
     from gti.templates import PromptFormatter
     from gti.trie import SidTrie
 
+    set_threads(cfg.trainer)  # before any work: row building and model loading use the threads too
     L.seed_everything(cfg.seed, workers=True)
     t0 = time.time()
     if cfg.init_from:

@@ -52,11 +52,14 @@ def run(cfg: GroundConfig) -> Path:
         padding_summary,
         run_metadata,
         save_hf,
+        set_threads,
+        unshard,
         write_metadata,
     )
     from gti.templates import PromptFormatter
 
     validate(cfg)
+    set_threads(cfg.trainer)  # before any work: row building and model loading use the threads too
     L.seed_everything(cfg.seed, workers=True)
     run_dir = RunDir(Path(cfg.output_dir))
     work = run_dir.start(cfg.resume, cfg)
@@ -75,8 +78,9 @@ def run(cfg: GroundConfig) -> Path:
     )  # fmt: skip
     old_rows = model.get_input_embeddings().weight.detach()[: new.start].clone()
     diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init") if cfg.diagnostics and global_rank() == 0 else {}
-    o, lean = cfg.optim, cfg.trainer.lean_step
-    module = GroundingModule(model, new, o.lr, o.weight_decay, o.warmup_steps, sampler=sampler, lean_step=lean)
+    o = cfg.optim
+    fast = dict(lean_step=cfg.trainer.lean_step, compile_step=cfg.trainer.compile)  # trainer.lean_step / trainer.compile
+    module = GroundingModule(model, new, o.lr, o.weight_decay, o.warmup_steps, sampler=sampler, **fast)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     max_steps = cfg.trainer.max_steps
@@ -90,11 +94,14 @@ def run(cfg: GroundConfig) -> Path:
     # fit
     trainer = make_trainer(cfg.trainer, work, max_steps)
     trainer.fit(module, loader, ckpt_path=run_dir.last_checkpoint(cfg.resume))
+    unshard(trainer, module)  # FSDP: every rank gets the full weights back before reading the rows
     rows_in, rows_out = overlay_rows(model)
     merge_overlay(model)
     if cfg.ground.unfreeze_steps > 0:
-        full = GroundingModule(model, new, cfg.ground.unfreeze_lr, o.weight_decay, 0, full=True, lean_step=lean)
-        make_trainer(cfg.trainer, work / "phase2", cfg.ground.unfreeze_steps).fit(full, loader)
+        full = GroundingModule(model, new, cfg.ground.unfreeze_lr, o.weight_decay, 0, full=True, **fast)
+        phase2 = make_trainer(cfg.trainer, work / "phase2", cfg.ground.unfreeze_steps)
+        phase2.fit(full, loader)
+        unshard(phase2, full)
     if cfg.ground.unfreeze_steps == 0 and not torch.equal(model.get_input_embeddings().weight.detach()[: new.start], old_rows):
         raise RuntimeError("old embedding rows changed during grounding")  # cannot happen: they are frozen
 

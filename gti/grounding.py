@@ -6,7 +6,7 @@ import lightning as L
 
 from gti.data import Dataset
 from gti.overlay import FrozenBf16, install_overlay
-from gti.setup import adamw_with_warmup, compile_training_forward, lm_training_step
+from gti.setup import adamw_with_warmup, clip_gradients, lm_training_step, start_fit
 from gti.templates import GROUNDING_TEMPLATES, Encoded, PromptFormatter, sid_string
 from gti.vocab import NewTokens
 
@@ -36,9 +36,7 @@ class GroundingModule(L.LightningModule):
 
     def setup(self, stage):
         if stage == "fit":
-            self.frozen_bf16.hold(self.trainer.precision)  # bf16 runs: the frozen LM in bf16 (no-op when full)
-            if self.compile_step:
-                compile_training_forward(self)
+            start_fit(self)  # bf16: the frozen LM held in bf16; trainer.compile
 
     def on_fit_end(self):
         self.frozen_bf16.exact()  # the saved model is the base weights + trained rows, bit for bit
@@ -49,6 +47,9 @@ class GroundingModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         return lm_training_step(self, batch)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP-aware (gti/setup.py)
 
     def configure_optimizers(self):
         return adamw_with_warmup(self.parameters(), self.lr, self.weight_decay, self.warmup_steps)

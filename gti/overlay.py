@@ -108,7 +108,9 @@ class FrozenBf16:
     Under bf16-mixed, autocast casts every fp32 weight matrix to bf16 at each forward (its cast cache keeps only
     weights that require grad), so a frozen backbone is re-cast every step; held in bf16 it is cast once, and
     takes half the device memory. Only matrices are held (projections, embeddings: what autocast casts);
-    vectors (norms, biases) stay fp32. Trainable tables are left alone: fp32 master weights under bf16-mixed.
+    vectors (norms, biases) stay fp32, and NewRowsEmbedding returns fp32 under autocast, so the residual stream
+    stays fp32 as with fp32 weights. Trainable tables are left alone: fp32 master weights under bf16-mixed
+    (bf16-true: Lightning casts the whole module to bf16, with or without this).
     The frozen weights as loaded stay on the CPU (no copy when the model is there); `exact()` puts them back
     for ranking, merging and saving, so a saved model is the base weights + trained tables, bit for bit.
     Full fine-tuning (nothing frozen) and non-bf16 precisions are unchanged.

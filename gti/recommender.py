@@ -12,8 +12,8 @@ from gti.data import Dataset, Example
 from gti.errors import ConfigError
 from gti.metrics import RankingMetrics, rank_of
 from gti.overlay import FrozenBf16
-from gti.setup import adamw_with_warmup, compile_training_forward, lm_training_step
-from gti.templates import REC_TEMPLATES, Encoded, PromptFormatter, pad_batch, render, sid_string
+from gti.setup import adamw_with_warmup, lm_training_step, start_fit
+from gti.templates import REC_TEMPLATES, Encoded, PromptFormatter, render, sid_string
 from gti.trie import SidTrie, beams_to_items, constrained_beam_search
 from gti.vocab import NewTokens
 
@@ -30,26 +30,36 @@ def ranking_precision(model, precision: str):
     """
     if precision not in EVAL_PRECISIONS:
         raise ConfigError(f"eval.precision={precision!r}: choose one of {', '.join(EVAL_PRECISIONS)}")
-    first = next(model.parameters())
-    device, weights, default = first.device.type, first.dtype, torch.get_default_dtype()
-    upcast = precision == "fp32" and weights != torch.float32
+    # parameters and float buffers (rotary frequencies), each with its own dtype: LoRA / overlay tables stay fp32
+    params = dict(model.named_parameters()) | {f"buffer {n}": b for n, b in model.named_buffers() if b.is_floating_point()}
+    dtypes = {n: p.dtype for n, p in params.items()}
+    device, default = next(iter(params.values())).device.type, torch.get_default_dtype()
+    upcast = precision == "fp32" and any(d != torch.float32 for d in dtypes.values())
     torch.set_default_dtype(torch.float32)  # beam scores are summed in tensors of the default dtype
     try:
         if upcast:
-            model.float()
+            _cast(params, dict.fromkeys(params, torch.float32))
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
             yield
     finally:
         if upcast:
-            model.to(weights)
+            _cast(params, dtypes)
         torch.set_default_dtype(default)
+
+
+def _cast(params: dict, dtypes: dict) -> None:
+    # outside inference mode: Lightning ranks inside it, and a parameter cast there would become an inference
+    # tensor that later training steps and merges cannot update in place
+    with torch.inference_mode(False), torch.no_grad():
+        for name, p in params.items():
+            p.data = p.data.to(dtypes[name])
 
 
 class RecommenderModule(L.LightningModule):
     def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig, sampler=None):
         super().__init__()
         self.model, self.tokenizer, self.trie, self.cfg, self.sampler = model, tokenizer, trie, cfg, sampler
-        self.lean_step = cfg.trainer.lean_step  # see lm_training_step
+        self.lean_step, self.compile_step = cfg.trainer.lean_step, cfg.trainer.compile  # see lm_training_step, start_fit
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         ks = tuple(cfg.eval.ks)
         self.val_metrics, self.test_metrics = RankingMetrics(ks), RankingMetrics(ks)
@@ -58,9 +68,7 @@ class RecommenderModule(L.LightningModule):
 
     def setup(self, stage):
         if stage == "fit":
-            self.frozen_bf16.hold(self.trainer.precision)  # no-op for full fine-tuning and non-bf16 runs
-            if self.cfg.trainer.compile:
-                compile_training_forward(self)
+            start_fit(self)
 
     # ranking and saving see the exact frozen weights (bf16-true converts the module again at validate/test)
     def on_validation_start(self):
@@ -147,25 +155,6 @@ def train_rows(ds: Dataset, train: list[Example], fmt: PromptFormatter, cfg: Fin
 
         rows += grounding_examples(ds, new, fmt, list(GROUNDING_TEMPLATES), cfg.max_length, stage="gti.finetune")
     return rows
-
-
-class EvalCollate:
-    """Prompt-only batches, left padded for generation, carrying each example's global index."""
-
-    def __init__(self, fmt: PromptFormatter, ds: Dataset, template: int):
-        self.fmt, self.ds, self.template = fmt, ds, template
-
-    def __call__(self, examples: list[Example]) -> dict:
-        enc = []
-        for ex in examples:
-            ids = self.fmt.prompt_ids(rec_prompt(self.ds, ex, self.template)[0])
-            enc.append(Encoded(ids, [-100] * len(ids)))
-        batch = pad_batch(enc, self.fmt.tok.pad_token_id, left=True)
-        batch.pop("labels")
-        batch["index"] = torch.tensor([ex.index for ex in examples])
-        batch["target"] = torch.tensor([ex.target for ex in examples])
-        batch["user"] = torch.tensor([ex.user for ex in examples])
-        return batch
 
 
 def check_prompt_lengths(ds: Dataset, examples: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import shutil
@@ -84,7 +85,7 @@ def extend_model(
     path = resolve_model(model_name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    base_tokenizer = AutoTokenizer.from_pretrained(path)  # strategies tokenise with the old vocabulary
+    base_tokenizer = copy.deepcopy(tokenizer)  # strategies tokenise with the old vocabulary
     n_old = model.get_input_embeddings().weight.shape[0]
     old_input = model.get_input_embeddings().weight.detach().clone()
     head = model.get_output_embeddings()
@@ -157,6 +158,21 @@ def compile_training_forward(module) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     target = base.get_decoder() if takes_lean_step(module) else model
     module.compiled_forward = torch.compile(target.forward)
+
+
+def start_fit(module) -> None:
+    """Both LightningModules' setup("fit"): a frozen backbone held in bf16 under bf16 precision (gti.overlay.FrozenBf16),
+    the sampler's rows grouped by optimizer step, the training forward compiled (trainer.compile)."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    strategy = module.trainer.strategy
+    # sharded strategies (FSDP, DeepSpeed) cast in their own gather and want one dtype per flat parameter
+    if isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy):
+        module.frozen_bf16.hold(module.trainer.precision)  # a no-op for full fine-tuning and non-bf16 runs
+    if module.sampler is not None:
+        module.sampler.accumulate = module.trainer.accumulate_grad_batches
+    if module.compile_step:
+        compile_training_forward(module)
 
 
 def lm_training_step(module, batch: dict) -> torch.Tensor:
@@ -233,6 +249,31 @@ def report_first_step(trainer) -> None:
     if not _first_step_reported and trainer.is_global_zero:
         _first_step_reported = True
         print(f"[gti] first training step began after {process_age():.1f}s", flush=True)
+
+
+def unshard(trainer, module) -> None:
+    """After fit under FSDP each parameter is this rank's 1-D slice of a flat shard (use_orig_params): give every
+    rank the full tensors back, so merging, diagnostics and saving see the plain model."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wrapped = trainer.strategy.model
+    if not isinstance(wrapped, FSDP):
+        return
+    with FSDP.summon_full_params(wrapped, writeback=False):
+        full = {id(p): p.detach().clone() for p in module.parameters()}  # shapes as built: (V, d), (n, d), ...
+    for p in module.parameters():
+        p.data = full[id(p)]
+
+
+def clip_gradients(module, optimizer, clip_val, algorithm) -> None:
+    """Lightning's FSDP precision refuses norm clipping; FSDP's own clip_grad_norm_ takes the norm over all shards."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wrapped = module.trainer.strategy.model
+    if clip_val and isinstance(wrapped, FSDP) and algorithm in (None, "norm"):
+        wrapped.clip_grad_norm_(clip_val)
+    else:
+        module.clip_gradients(optimizer, clip_val, algorithm)
 
 
 def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: list | None = None, **kw):
@@ -330,12 +371,14 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
     next pass skip the examples of the batches already trained on.
 
     `lengths` (tokens per row; trainer.group_by_length): each batch holds rows of similar length, so
-    little of it is padding (see `group_by_length`)."""
+    little of it is padding (see `group_by_length`). Rows are grouped by optimizer step (`accumulate`
+    batches of `batch_size` on each rank): which rows make a step does not depend on how it is split."""
 
-    def __init__(self, n: int, seed: int, batch_size: int, lengths: list[int] | None = None):
+    def __init__(self, n: int, seed: int, batch_size: int, lengths: list[int] | None = None, accumulate: int = 1):
         if lengths is not None and len(lengths) != n:
             raise ValueError(f"lengths has {len(lengths)} entries for {n} rows")
-        self.n, self.seed, self.batch_size, self.lengths = n, seed, batch_size, lengths
+        self.n, self.seed, self.batch_size, self.accumulate = n, seed, batch_size, accumulate
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)  # (n,), once: lists of 1M ints are slow
         self.epoch, self.skip_batches = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -347,13 +390,17 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
     def order(self, epoch: int, world_size: int = 1) -> list[int]:
         """Every index once: the epoch's order for `world_size` ranks, before any resume skip."""
+        return self.order_tensor(epoch, world_size).tolist()
+
+    def order_tensor(self, epoch: int, world_size: int = 1) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.n, generator=g).tolist()
+        order = torch.randperm(self.n, generator=g)  # (n,)
         if self.lengths is None:
             return order
         # under DDP Lightning deals this order out by stride (rank r takes positions r, r+W, ...), so each
-        # rank's batch j is drawn from positions [j*B*W, (j+1)*B*W): group units of B*W rows, not of B
-        return group_by_length(order, self.lengths, self.batch_size * world_size, g)
+        # rank's batch j is drawn from positions [j*B*W, (j+1)*B*W): group units of B*W rows, not of B; and
+        # a unit of `accumulate` such spans is one optimizer step, the same rows as one batch of B*accumulate
+        return group_by_length(order, self.lengths, self.batch_size * world_size * self.accumulate, g)
 
     def __iter__(self):
         dist = torch.distributed
@@ -365,38 +412,44 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.n
 
 
-def group_by_length(order: list[int], lengths: list[int], unit: int, g: torch.Generator, chunk_units: int = 50) -> list[int]:
+def group_by_length(order, lengths, unit: int, g: torch.Generator, chunk_units: int = 50) -> torch.Tensor:
     """A shuffled `order` regrouped into units of `unit` rows of similar length, the units in random order.
 
     Rows are sorted by length only within chunks of `chunk_units` units, so a batch still mixes rows from
     across the data set, not the epoch's shortest or longest. A last partial unit stays last: the DataLoader
-    cuts batches by position, so one short unit anywhere else would shift every batch after it."""
+    cuts batches by position, so one short unit anywhere else would shift every batch after it.
+    `order`, `lengths`: (n,) tensors or lists; returns the (n,) regrouped order."""
+    idx = torch.as_tensor(order)
+    if len(idx) == 0:
+        return idx
+    lens = torch.as_tensor(lengths)[idx]
     chunk = unit * chunk_units
-    units = []
-    for s in range(0, len(order), chunk):
-        part = sorted(order[s : s + chunk], key=lambda i: lengths[i])  # stable: equal lengths keep the shuffle
-        units += [part[k : k + unit] for k in range(0, len(part), unit)]
-    tail = units.pop() if units and len(units[-1]) < unit else []
-    return [i for u in torch.randperm(len(units), generator=g).tolist() for i in units[u]] + tail
+    # stable sort: rows of equal length keep their shuffled order
+    idx = torch.cat([idx[s : s + chunk][lens[s : s + chunk].sort(stable=True).indices] for s in range(0, len(idx), chunk)])
+    full = len(idx) // unit * unit  # chunks are whole units, so only the last one can end in a partial unit
+    units = idx[:full].view(-1, unit)[torch.randperm(full // unit, generator=g)]
+    return torch.cat([units.flatten(), idx[full:]])
 
 
-def padded_share(lengths: list[int], batch_size: int, order: list[int]) -> float:
+def padded_share(lengths, batch_size: int, order) -> float:
     """Share of the (B, T) token slots that are padding when `order` is cut into batches padded to their longest row."""
-    pad = slots = 0
-    for s in range(0, len(order), batch_size):
-        batch = [lengths[i] for i in order[s : s + batch_size]]
-        slots += len(batch) * max(batch)
-        pad += len(batch) * max(batch) - sum(batch)
-    return pad / slots if slots else 0.0
+    lens = torch.as_tensor(lengths, dtype=torch.float64)[torch.as_tensor(order, dtype=torch.long)]  # (n,)
+    full = len(lens) // batch_size * batch_size
+    slots = 0.0
+    for batches in (lens[:full].view(-1, batch_size), lens[full:].view(1, -1)):  # (n // B, B), the last (1, n % B)
+        if batches.numel():
+            slots += float(batches.amax(dim=1).sum()) * batches.shape[1]
+    return 1 - float(lens.sum()) / slots if slots else 0.0
 
 
-def padding_summary(sampler: EpochShuffleSampler, lengths: list[int]) -> str:
+def padding_summary(sampler: EpochShuffleSampler, lengths) -> str:
     """The stages' start-up line: padding of plain shuffled batches and, when grouped, of the sampler's (epoch 0)."""
-    plain = EpochShuffleSampler(sampler.n, sampler.seed, sampler.batch_size).order(0)
+    lengths = torch.as_tensor(lengths)
+    plain = EpochShuffleSampler(sampler.n, sampler.seed, sampler.batch_size).order_tensor(0)  # the shuffle alone
     line = f"padded share {padded_share(lengths, sampler.batch_size, plain):.0%}"
     if sampler.lengths is None:
         return line + " (trainer.group_by_length=false)"
-    return line + f" -> {padded_share(lengths, sampler.batch_size, sampler.order(0)):.0%} (batches grouped by length)"
+    return line + f" -> {padded_share(lengths, sampler.batch_size, sampler.order_tensor(0)):.0%} (batches grouped by length)"
 
 
 @dataclass

@@ -491,15 +491,17 @@ def constrained_beam_search(
     nodes = torch.zeros(batch, k, dtype=torch.long, device=device)
     prefixes = torch.full((batch, k, steps), -1, dtype=torch.long, device=device)  # tokens so far, then -1
     r = min(num_return, num_beams)
-    done = scores.new_full((batch, r), float("-inf")), prefixes.new_full((batch, r, steps), -1)
+    done_scores = scores.new_full((batch, r), float("-inf"))  # the best finished hypotheses so far, best first
+    done_seqs = prefixes.new_full((batch, r, steps), -1)
     visible = attention_mask.bool()[:, None].expand(-1, k, -1)  # (B, K, S): cache slots each beam attends to
     own_slot = torch.eye(k, dtype=torch.bool, device=device).expand(batch, k, k)
 
     for step in range(steps):
         top, beam, token, child = _candidates(trie, nodes, scores, logp, step, width=2 * k)  # (B, W)
         ends, order, alive = _split_candidates(token, top, k, eos)
-        ended = torch.where(ends[:, :k], top[:, :k], float("-inf"))
-        done = _merge_finished(*done, ended, prefixes.gather(1, beam[:, :k, None].expand(-1, -1, steps)))
+        ended = torch.where(ends[:, :k], top[:, :k], float("-inf"))  # (B, K)
+        ended_seqs = prefixes.gather(1, beam[:, :k, None].expand(-1, -1, steps))  # (B, K, L)
+        done_scores, done_seqs = _merge_finished(done_scores, done_seqs, ended, ended_seqs)
         beam, token, nodes = beam.gather(1, order), token.gather(1, order), child.gather(1, order)
         scores = torch.where(alive, top.gather(1, order), float("-inf"))
         prefixes = prefixes.gather(1, beam[..., None].expand(-1, -1, steps))
@@ -511,7 +513,7 @@ def constrained_beam_search(
 
     return [
         [([t for t in seq if t >= 0], s) for s, seq in zip(row_scores, row_seqs, strict=True) if s > DEAD_SCORE]
-        for row_scores, row_seqs in zip(done[0].tolist(), done[1].tolist(), strict=True)
+        for row_scores, row_seqs in zip(done_scores.tolist(), done_seqs.tolist(), strict=True)
     ]
 
 
@@ -543,8 +545,9 @@ def _merge_finished(scores: torch.Tensor, seqs: torch.Tensor, new_scores: torch.
     """The best R of the finished hypotheses so far (B, R) and this step's (B, K), with their (.., L) tokens.
 
     A stable sort keeps the earlier hypothesis first on ties, as the reference's list sort does."""
+    r = scores.shape[1]
     scores, seqs = torch.cat([scores, new_scores], 1), torch.cat([seqs, new_seqs], 1)
-    order = scores.sort(dim=1, descending=True, stable=True).indices[:, : scores.shape[1] - new_scores.shape[1]]
+    order = scores.sort(dim=1, descending=True, stable=True).indices[:, :r]
     return scores.gather(1, order), seqs.gather(1, order[..., None].expand(-1, -1, seqs.shape[2]))
 
 

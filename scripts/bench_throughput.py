@@ -9,13 +9,13 @@ Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's
   3. full: today's full-logits step (trainer.lean_step=false).
   Ours-lean and ours-full alternate step by step (lean, full, full, lean, ...) and a raw step runs before each
   of them, so a shared CPU slows all three alike. Targets: ours/raw >= 0.9x; lean/full is the lean step's gain.
-  4. ranking users/s on ML-100K test users (prompts as EvalCollate builds them, template 0): our decoder
+  4. ranking users/s on ML-100K test users (prompts as gti.rows.eval_rows builds them, template 0): our decoder
      (`gti.trie.constrained_beam_search`) vs HF generate + trie (`hf_constrained_beam_search`), alternating per
      batch, and the share of users for whom both return the same item list. New rows start random, not mean:
      identical rows would tie every SID score and make the comparison meaningless.
   5. time from the command to the first training step of `python -m gti.finetune` (1 step, 2 test users), as
-     the stage prints it, run twice: the second run finds the tokenised-row cache the first one wrote (the first
-     is cold only if no earlier run cached the same rows).
+     the stage prints it, run twice: the first on a copy of the dataset folder without its cache, the second finds
+     the tokenised-row cache the first one wrote.
     OMP_NUM_THREADS=1 python scripts/bench_throughput.py --steps 1 --warmup 1 --precision 32-true \\
         --rank-users 8 --beams 5 --no-ttfs                     # CPU, a quick look (~3 CPU minutes)
     python scripts/bench_throughput.py --accelerator gpu --steps 20 --warmup 3 --ground-batch 64 \\
@@ -184,14 +184,15 @@ def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
 def ranking_speed(args, ds, model, tok, fmt) -> dict:
     """Users/s of our decoder vs HF generate + trie on the same prompts, alternating per batch (ABBA)."""
     from gti.data import leave_one_out
-    from gti.recommender import EvalCollate
+    from gti.rows import collate, eval_rows
     from gti.trie import SidTrie, beams_to_items, constrained_beam_search, hf_constrained_beam_search
 
     device = device_for(args.accelerator)
     users = args.rank_users or (512 if device.type == "cuda" else 8)
     test = leave_one_out(ds.inter, args.history)["test"][:users]
-    collate = EvalCollate(fmt, ds, 0)
-    prompts = [collate(test[i : i + args.rank_batch]) for i in range(0, len(test), args.rank_batch)]
+    rows = eval_rows(ds, test, fmt, 0)  # as gti.finetune batches them: longest prompts first
+    prompts = [collate(rows.select(range(i, min(i + args.rank_batch, len(rows)))), tok.pad_token_id, left=True)
+               for i in range(0, len(rows), args.rank_batch)]  # fmt: skip
     trie = SidTrie([tok.convert_tokens_to_ids(ds.index[i]) for i in sorted(ds.index)], tok.eos_token_id).to(device)
     model.to(device).eval()
     decoders = {"ours": constrained_beam_search, "hf": hf_constrained_beam_search}
@@ -231,12 +232,16 @@ def sids_overrides(root: str, name: str) -> list[str]:
 
 
 def time_to_first_step(args) -> list[tuple[float | None, float]]:
-    """(seconds to the first training step as the stage prints it, wall seconds of the whole command), x2."""
-    root = str(Path(args.data_root).resolve())
+    """(seconds to the first training step as the stage prints it, wall seconds of the whole command), x2.
+    The dataset folder is copied without its cache/ into a temp dir, so the first run starts cold."""
+    import shutil
+
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "gti.finetune", f"data.name={args.ttfs_dataset}", f"data.root={root}",
-               *sids_overrides(root, args.ttfs_dataset), f"model={args.model}", "max_length=192",
+        src = Path(args.data_root) / args.ttfs_dataset
+        shutil.copytree(src, Path(tmp, "data", args.ttfs_dataset), ignore=shutil.ignore_patterns("cache"))
+        cmd = [sys.executable, "-m", "gti.finetune", f"data.name={args.ttfs_dataset}", f"data.root={tmp}/data",
+               *sids_overrides(args.data_root, args.ttfs_dataset), f"model={args.model}", "max_length=192",
                "trainer.max_steps=1", f"trainer.accelerator={args.accelerator}", f"trainer.precision={args.precision[0]}",
                "eval.max_users=2", "eval.valid=false", "eval.num_beams=5", "eval.ks=[5]", f"output_dir={tmp}/run"]  # fmt: skip
         for run in ("first", "second"):

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gti.data import leave_one_out, load_dataset
-from gti.recommender import EvalCollate, ranking_precision
+from gti.recommender import ranking_precision
+from gti.rows import collate, eval_rows
 from gti.setup import subset
 from gti.templates import PromptFormatter
 from gti.trie import SidTrie, beams_to_items, constrained_beam_search
@@ -58,11 +59,10 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.run_dir / "model")
     model = AutoModelForCausalLM.from_pretrained(args.run_dir / "model", dtype=torch.float32).eval()
     trie = SidTrie([tok.convert_tokens_to_ids(ds.index[i]) for i in sorted(ds.index)], tok.eos_token_id)
-    loader = DataLoader(
-        test,
-        batch_size=args.batch_size or cfg["eval"]["batch_size"],
-        collate_fn=EvalCollate(PromptFormatter(tok), ds, cfg["templates"][0]),
-    )
+    rows = eval_rows(ds, test, PromptFormatter(tok), cfg["templates"][0])  # longest prompts first, as ranked
+    test = [test[i] for i in rows["index"]]  # in the order of the rows
+    loader = DataLoader(rows, batch_size=args.batch_size or cfg["eval"]["batch_size"],
+                        collate_fn=lambda b: collate(b, tok.pad_token_id, left=True))  # fmt: skip
     beams, k = cfg["eval"]["num_beams"], args.k
 
     items32, scores32 = rank(model, tok, trie, loader, beams, "fp32")

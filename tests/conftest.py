@@ -30,11 +30,11 @@ def tokenizer(smollm2_path):
     return AutoTokenizer.from_pretrained(smollm2_path)
 
 
-def make_tiny_llama(vocab_size: int, tied: bool = True, seed: int = 0):
+def make_tiny_llama(vocab_size: int, tied: bool = True, seed: int = 0, **config):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = LlamaConfig(  # **config: overrides (e.g. initializer_range for sharper logits)
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -46,6 +46,7 @@ def make_tiny_llama(vocab_size: int, tied: bool = True, seed: int = 0):
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
+        **config,
     )
     model = LlamaForCausalLM(config)
     model.eval()
@@ -62,11 +63,11 @@ def tiny_untied_model(tokenizer):
     return make_tiny_llama(len(tokenizer), tied=False)
 
 
-def _save_tiny(out, smollm2_path, tied: bool) -> str:
+def _save_tiny(out, smollm2_path, tied: bool, **config) -> str:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_path)
-    make_tiny_llama(len(tok), tied=tied).save_pretrained(out)
+    make_tiny_llama(len(tok), tied=tied, **config).save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
 

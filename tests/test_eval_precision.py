@@ -16,7 +16,16 @@ ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def evaluate(tmp_path_factory, tiny_model_dir):
+def sharp_model_dir(tmp_path_factory, smollm2_path):
+    """The tiny Llama with init std 0.2: logits far from flat, so bf16 arithmetic moves scores by much more
+    than float32 rounding does (with std 0.02 both are a few float32 ulps)."""
+    from conftest import _save_tiny
+
+    return _save_tiny(tmp_path_factory.mktemp("sharp-llama"), smollm2_path, tied=True, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def evaluate(tmp_path_factory, sharp_model_dir):
     """(trainer.precision, eval.precision) -> (predictions.jsonl rows, metrics.json, every beam score) of a
     fine-tuning run with zero training steps on the toy data; each run once per module."""
     from gti.finetune import run
@@ -37,7 +46,7 @@ def evaluate(tmp_path_factory, tiny_model_dir):
 
         out = root / f"ft-{precision}-{eval_precision}"
         cfg = FinetuneConfig(
-            model=tiny_model_dir,
+            model=sharp_model_dir,
             data=DataConfig(name="toy", root=str(root / "data")),
             trainer=TrainerConfig(max_steps=0, accelerator="cpu", precision=precision),
             eval=EvalConfig(num_beams=5, ks=[1, 5], batch_size=4, valid=False, precision=eval_precision),

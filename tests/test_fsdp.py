@@ -77,12 +77,6 @@ def new_rows(run: Path) -> torch.Tensor:
 
 
 @pytest.mark.ddp
-@pytest.mark.xfail(
-    strict=True,
-    reason="gti.ground reads the overlay after fit while FSDP still holds 1-D shards (rank 0: rows (576,), rank 1: "
-    "(0,)), so merge_overlay fails; and Lightning's FSDP precision refuses trainer.gradient_clip_val (norm). "
-    "Fix: gather the full weights after fit and clip through FSDP (issue 16 report)",
-)
 def test_fsdp_grounding_trains_and_merges_the_overlay(tmp_path, tiny_model_dir):
     write_toy_dataset(tmp_path / "data")
     driver, table = tmp_path / "fsdp_ground.py", tmp_path / "table.pt"

@@ -159,3 +159,20 @@ def test_overlay_head_keeps_the_bias_of_a_biased_head():
     h = torch.randn(2, 3, 16)  # (B, T, d)
     with torch.no_grad():
         assert torch.allclose(NewRowsHead(base, 30, rows)(h), base(h), atol=1e-6)
+
+
+def test_lora_bf16_true_validates_mid_fit_and_keeps_training(tmp_path, tiny_model_dir):
+    """Ranking under bf16-true upcasts the weights inside Lightning's inference mode; the casts must not turn
+    parameters into inference tensors, or the steps after a mid-fit validation and the merge would fail."""
+    import gti.finetune as ft
+
+    write_toy_dataset(tmp_path / "data")
+    cfg = FinetuneConfig(
+        model=tiny_model_dir, init="mean", data=DataConfig(name="toy", root=str(tmp_path / "data"), max_users=4),
+        lora=LoraConfig(enabled=True), optim=OptimConfig(lr=1e-2, batch_size=4, warmup_steps=0),
+        trainer=TrainerConfig(max_steps=3, accelerator="cpu", precision="bf16-true", val_check_interval=2, log_every_n_steps=1),
+        eval=EvalConfig(num_beams=4, ks=[1, 4], batch_size=4, max_users=2), output_dir=str(tmp_path / "ft"),
+    )  # fmt: skip
+    out = ft.run(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["test"]["count"] == 2

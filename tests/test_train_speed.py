@@ -186,6 +186,14 @@ def test_grouped_order_is_deterministic_per_seed_and_epoch():
     assert list(a) == b.order(1)
 
 
+def test_an_optimizer_step_holds_the_same_rows_however_it_is_split():
+    """Grouping works on whole optimizer steps: 2 accumulated batches of 4 = 1 batch of 8, and under DDP too."""
+    lengths = skewed_lengths(500)
+    one = EpochShuffleSampler(500, 0, 8, lengths).order(0)
+    assert EpochShuffleSampler(500, 0, 4, lengths, accumulate=2).order(0) == one
+    assert EpochShuffleSampler(500, 0, 2, lengths, accumulate=2).order(0, world_size=2) == one
+
+
 def test_resume_skips_the_batches_already_trained():
     lengths = skewed_lengths(100)
     s = EpochShuffleSampler(100, 0, 8, lengths)
@@ -197,7 +205,7 @@ def test_resume_skips_the_batches_already_trained():
 
 def test_partial_batch_stays_last_so_batches_stay_aligned():
     lengths = [i % 37 + 1 for i in range(103)]
-    order = group_by_length(list(range(103)), lengths, 10, torch.Generator().manual_seed(0), chunk_units=3)
+    order = group_by_length(list(range(103)), lengths, 10, torch.Generator().manual_seed(0), chunk_units=3).tolist()
     batches = [tuple(order[k : k + 10]) for k in range(0, 103, 10)]
     # each batch is 10 consecutive rows of a length-sorted chunk of 30; the 3 left over come last
     units = []
