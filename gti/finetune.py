@@ -139,18 +139,17 @@ def run(cfg: FinetuneConfig) -> Path:
     import lightning as L
     from torch.utils.data import DataLoader
 
+    from gti.batching import EpochShuffleSampler, padding_summary
     from gti.data import leave_one_out
     from gti.diagnose import diagnose_rows, public
     from gti.io import write_json, write_jsonl
     from gti.recommender import RecommenderModule, check_prompt_lengths, gather_predictions
     from gti.rows import collate, eval_rows, rec_train_rows, row_lengths
     from gti.setup import (
-        EpochShuffleSampler,
         RunDir,
         ensure_dataset,
         extend_model,
         make_trainer,
-        padding_summary,
         run_metadata,
         save_hf,
         set_threads,

@@ -38,18 +38,17 @@ def run(cfg: GroundConfig) -> Path:
     import torch
     from torch.utils.data import DataLoader
 
+    from gti.batching import EpochShuffleSampler, padding_summary
     from gti.diagnose import diagnose_rows, public
     from gti.grounding import GroundingModule
     from gti.overlay import merge_overlay, overlay_rows
     from gti.rows import collate, grounding_rows, row_lengths
     from gti.setup import (
-        EpochShuffleSampler,
         RunDir,
         ensure_dataset,
         extend_model,
         global_rank,
         make_trainer,
-        padding_summary,
         run_metadata,
         save_hf,
         set_threads,

@@ -12,6 +12,7 @@ import pytest
 import torch
 from fixtures import write_toy_dataset
 
+from gti.batching import EpochShuffleSampler, group_by_length, padded_share, padding_summary
 from gti.config import (
     DataConfig,
     EvalConfig,
@@ -22,7 +23,6 @@ from gti.config import (
     OptimConfig,
     TrainerConfig,
 )
-from gti.setup import EpochShuffleSampler, group_by_length, padded_share, padding_summary
 
 
 # ----------------------------------------------------------------------------------------- helpers
