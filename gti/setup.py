@@ -278,7 +278,7 @@ def clip_gradients(module, optimizer, clip_val, algorithm) -> None:
 
 def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: list | None = None, **kw):
     import lightning as L
-    from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint
+    from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
     set_threads(t)
@@ -306,6 +306,8 @@ def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: lis
             ckpt,
             LambdaCallback(on_save_checkpoint=lambda _t, module, _c: stop_if_diverged(module)),
             LambdaCallback(on_train_batch_start=lambda trainer, *_: report_first_step(trainer)),
+            # the bar reads the logged loss with .item(), a device sync: every log_every_n_steps, not every step
+            *([TQDMProgressBar(refresh_rate=max(t.log_every_n_steps, 1))] if kw.get("enable_progress_bar", True) else []),
             *(callbacks or []),
         ],
         default_root_dir=run_dir,

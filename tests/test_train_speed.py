@@ -311,3 +311,18 @@ def test_num_nodes_reaches_the_trainer(tmp_path):
     assert make_trainer(TrainerConfig(accelerator="cpu"), tmp_path, 1).num_nodes == 1
     trainer = make_trainer(TrainerConfig(accelerator="cpu", num_nodes=2), tmp_path, 1)
     assert trainer.num_nodes == 2 and type(trainer.strategy).__name__ == "DDPStrategy"
+
+
+def test_progress_bar_reads_the_loss_only_at_logging_steps(tmp_path, tokenizer, monkeypatch):
+    """The bar's metrics are .item() calls (a device sync on a GPU): every log_every_n_steps, not every step."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from gti.setup import make_trainer
+
+    reads = []
+    real = TQDMProgressBar.get_metrics
+    monkeypatch.setattr(TQDMProgressBar, "get_metrics", lambda self, *a: reads.append(1) or real(self, *a))
+    module, batch = tiny_grounding(tokenizer)
+    trainer = make_trainer(TrainerConfig(max_steps=6, accelerator="cpu", log_every_n_steps=3), tmp_path, 6)
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * 6, batch_size=None))
+    assert trainer.global_step == 6 and 1 <= len(reads) <= 3  # steps 3 and 6 (+ the epoch's end), not 6 reads
