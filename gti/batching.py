@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 
@@ -15,7 +17,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
     little of it is padding (see `group_by_length`). Rows are grouped by optimizer step (`accumulate`
     batches of `batch_size` on each rank): which rows make a step does not depend on how it is split."""
 
-    def __init__(self, n: int, seed: int, batch_size: int, lengths: list[int] | None = None, accumulate: int = 1):
+    def __init__(self, n: int, seed: int, batch_size: int, lengths: torch.Tensor | list[int] | None = None, accumulate: int = 1):
         if lengths is not None and len(lengths) != n:
             raise ValueError(f"lengths has {len(lengths)} entries for {n} rows")
         self.n, self.seed, self.batch_size, self.accumulate = n, seed, batch_size, accumulate
@@ -91,3 +93,16 @@ def padding_summary(sampler: EpochShuffleSampler, lengths) -> str:
     if sampler.lengths is None:
         return line + " (trainer.group_by_length=false)"
     return line + f" -> {padded_share(lengths, sampler.batch_size, sampler.order_tensor(0)):.0%} (batches grouped by length)"
+
+
+def training_loader(rows, pad_id: int, seed: int, batch_size: int, t) -> tuple:
+    """Both stages' training DataLoader over stored rows (gti.rows): the resumable shuffle, grouped by length
+    unless trainer.group_by_length=false. Returns (loader, sampler, the start-up line on padding)."""
+    from gti.rows import collate, row_lengths
+
+    lengths = row_lengths(rows)
+    sampler = EpochShuffleSampler(len(rows), seed, batch_size, lengths if t.group_by_length else None)
+    loader = torch.utils.data.DataLoader(
+        rows, batch_size=batch_size, sampler=sampler, num_workers=t.num_workers, collate_fn=partial(collate, pad_id=pad_id)
+    )
+    return loader, sampler, padding_summary(sampler, lengths)

@@ -139,12 +139,12 @@ def run(cfg: FinetuneConfig) -> Path:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from gti.batching import EpochShuffleSampler, padding_summary
+    from gti.batching import training_loader
     from gti.data import leave_one_out
     from gti.diagnose import diagnose_rows, public
     from gti.io import write_json, write_jsonl
     from gti.recommender import RecommenderModule, check_prompt_lengths, gather_predictions
-    from gti.rows import collate, eval_rows, rec_train_rows, row_lengths
+    from gti.rows import collate, eval_rows, rec_train_rows
     from gti.setup import (
         RunDir,
         ensure_dataset,
@@ -178,13 +178,8 @@ def run(cfg: FinetuneConfig) -> Path:
     rows = rec_train_rows(ds, fmt, cfg, new)  # with train_per_user / history_loss / multitask, see gti/rows.py
     items = sorted(ds.index)
     trie = SidTrie([tokenizer.convert_tokens_to_ids(ds.index[i]) for i in items], tokenizer.eos_token_id)
-    lengths = row_lengths(rows)
-    sampler = EpochShuffleSampler(len(rows), cfg.seed, cfg.optim.batch_size, lengths if cfg.trainer.group_by_length else None)
     pad = tokenizer.pad_token_id
-    train_loader = DataLoader(
-        rows, batch_size=cfg.optim.batch_size, sampler=sampler,
-        num_workers=cfg.trainer.num_workers, collate_fn=partial(collate, pad_id=pad),
-    )  # fmt: skip
+    train_loader, sampler, padding = training_loader(rows, pad, cfg.seed, cfg.optim.batch_size, cfg.trainer)
     prompts = partial(collate, pad_id=pad, left=True)  # longest prompts first (eval_rows)
     val_loader = DataLoader(eval_rows(ds, valid, fmt, cfg.templates[0]), batch_size=cfg.eval.batch_size, collate_fn=prompts)
     test_loader = DataLoader(eval_rows(ds, test, fmt, cfg.templates[0]), batch_size=cfg.eval.batch_size, collate_fn=prompts)
@@ -194,7 +189,7 @@ def run(cfg: FinetuneConfig) -> Path:
     module = RecommenderModule(model, tokenizer, trie, cfg, sampler=sampler)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(
-        f"[gti.finetune] {len(ds.inter)} users, {ds.num_items} items, {len(rows)} training rows ({padding_summary(sampler, lengths)}), "
+        f"[gti.finetune] {len(ds.inter)} users, {ds.num_items} items, {len(rows)} training rows ({padding}), "
         f"{len(valid)} valid / {len(test)} test users, beam {cfg.eval.num_beams}, ranked in {cfg.eval.precision}\n"
         f"[gti.finetune] trainable parameters: {trainable:,}{' (LoRA)' if cfg.lora.enabled else ''}\n"
         f"[gti.finetune] example: {tokenizer.decode(rows[0]['input_ids'])!r}"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 from gti.config import GroundConfig, load_config, to_yaml
@@ -36,13 +35,12 @@ def validate(cfg: GroundConfig) -> None:
 def run(cfg: GroundConfig) -> Path:
     import lightning as L
     import torch
-    from torch.utils.data import DataLoader
 
-    from gti.batching import EpochShuffleSampler, padding_summary
+    from gti.batching import training_loader
     from gti.diagnose import diagnose_rows, public
     from gti.grounding import GroundingModule
     from gti.overlay import merge_overlay, overlay_rows
-    from gti.rows import collate, grounding_rows, row_lengths
+    from gti.rows import grounding_rows
     from gti.setup import (
         RunDir,
         ensure_dataset,
@@ -69,12 +67,7 @@ def run(cfg: GroundConfig) -> Path:
     model, tokenizer, new = extend_model(cfg.model, ds, cfg.init, cfg.init_options, cfg.tokens_file, cfg.seed)
     fmt = PromptFormatter(tokenizer)
     rows = grounding_rows(ds, new, fmt, cfg.ground.templates, cfg.max_length, "gti.ground")  # cached (gti/rows.py)
-    lengths = row_lengths(rows)
-    sampler = EpochShuffleSampler(len(rows), cfg.seed, cfg.optim.batch_size, lengths if cfg.trainer.group_by_length else None)
-    loader = DataLoader(
-        rows, batch_size=cfg.optim.batch_size, sampler=sampler,
-        num_workers=cfg.trainer.num_workers, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
-    )  # fmt: skip
+    loader, sampler, padding = training_loader(rows, tokenizer.pad_token_id, cfg.seed, cfg.optim.batch_size, cfg.trainer)
     old_rows = model.get_input_embeddings().weight.detach()[: new.start].clone()
     diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init") if cfg.diagnostics and global_rank() == 0 else {}
     o = cfg.optim
@@ -86,7 +79,7 @@ def run(cfg: GroundConfig) -> Path:
     print(
         f"[gti.ground] {len(new)} new tokens (ids {new.start}..{new.start + len(new) - 1}), init={cfg.init}\n"
         f"[gti.ground] {len(rows)} grounding examples x {cfg.trainer.max_epochs} epochs, batch {cfg.optim.batch_size}, "
-        f"max_steps {max_steps}, {padding_summary(sampler, lengths)}\n[gti.ground] trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)\n"
+        f"max_steps {max_steps}, {padding}\n[gti.ground] trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)\n"
         f"[gti.ground] example: {tokenizer.decode(rows[0]['input_ids'])!r}"
     )
 

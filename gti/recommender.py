@@ -13,7 +13,7 @@ from gti.errors import ConfigError
 from gti.metrics import RankingMetrics, rank_of
 from gti.overlay import FrozenBf16
 from gti.setup import adamw_with_warmup, lm_training_step, start_fit
-from gti.templates import REC_TEMPLATES, Encoded, PromptFormatter, render, sid_string
+from gti.templates import Encoded, PromptFormatter, render_rec
 from gti.trie import SidTrie, beams_to_items, constrained_beam_search
 from gti.vocab import NewTokens
 
@@ -124,8 +124,7 @@ class RecommenderModule(L.LightningModule):
 
 # ----------------------------------------------------------------------------------------- data
 def rec_prompt(ds: Dataset, ex: Example, template: int) -> tuple[str, str]:
-    history = ", ".join(sid_string(ds.index[i]) for i in ex.history)
-    return render(REC_TEMPLATES[template], history=history, sid=sid_string(ds.index[ex.target]))
+    return render_rec(ds.index, ex.history, ex.target, template)
 
 
 def supervise_history(enc: Encoded, first_item_len: int, new_start: int) -> Encoded:

@@ -27,7 +27,7 @@ import torch
 from gti.data import Dataset, Example
 from gti.errors import ConfigError
 from gti.io import file_sha256, write_json
-from gti.templates import REC_TEMPLATES, Encoded, PromptFormatter, render, sid_string
+from gti.templates import Encoded, PromptFormatter, render_rec
 
 ROWS_VERSION = 1  # bump when the way rows are built changes: old caches are then simply not found
 
@@ -80,11 +80,11 @@ def row_features():
     return datasets.Features({"input_ids": ids, "labels": ids})
 
 
-def row_lengths(rows) -> list[int]:
-    """Tokens per stored row, read from the arrow offsets (no row is decoded)."""
+def row_lengths(rows) -> torch.Tensor:
+    """Tokens per stored row (n,), read from the arrow offsets: no row is decoded, no list of n ints is built."""
     import pyarrow.compute as pc
 
-    return pc.list_value_length(rows.data.column("input_ids")).to_numpy().tolist()
+    return torch.tensor(pc.list_value_length(rows.data.column("input_ids")).to_numpy())
 
 
 def collate(rows: list[dict], pad_id: int, left: bool = False) -> dict:
@@ -164,7 +164,7 @@ class RecComposer:
         return None
 
     def _text(self, history: list[int], template: int) -> str:
-        return render(REC_TEMPLATES[template], history=", ".join(sid_string(self.index[i]) for i in history), sid="")[0]
+        return render_rec(self.index, history, None, template)[0]
 
     def prompt(self, history: list[int], template: int) -> list[int]:
         pieces = self.pieces.get(template)
@@ -230,7 +230,7 @@ class RecComposer:
     def check(self, samples: list[tuple[list[int], int, int]]) -> None:
         """The composed rows must be the tokenizer's rows exactly; a mismatch is a bug, not a user error."""
         for history, target, template in samples:
-            want = self.fmt._encode(*render(REC_TEMPLATES[template], history=", ".join(sid_string(self.index[i]) for i in history), sid=sid_string(self.index[target])))  # fmt: skip
+            want = self.fmt._encode(*render_rec(self.index, history, target, template))
             if self.row(history, target, template).input_ids != want.input_ids:
                 raise RuntimeError(f"composed rec row differs from the tokenizer's (template {template}, history {history})")
 

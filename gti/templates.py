@@ -143,17 +143,7 @@ def render(template: tuple[str, str], **fields: str) -> tuple[str, str]:
     return prompt.format(**fields), response.format(**fields)
 
 
-def pad_batch(rows: list[Encoded], pad_id: int, left: bool = False) -> dict:
-    import torch
-
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.input_ids)
-        sl = slice(width - n, width) if left else slice(0, n)
-        ids[i, sl] = torch.tensor(r.input_ids)
-        labels[i, sl] = torch.tensor(r.labels)
-        mask[i, sl] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+def render_rec(index: dict[int, list[str]], history, target: int | None, template: int) -> tuple[str, str]:
+    """Rec template `template` over history items and a target item (None: no response, a prompt only)."""
+    sid = "" if target is None else sid_string(index[target])
+    return render(REC_TEMPLATES[template], history=", ".join(sid_string(index[i]) for i in history), sid=sid)

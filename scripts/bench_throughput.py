@@ -122,10 +122,10 @@ def step_speed(module, twin, data: list[dict], precision: str, accelerator: str,
 
 
 def batches(rows: list, batch_size: int, n: int, pad_id: int, seed: int = 0) -> list[dict]:
-    from gti.templates import pad_batch
+    from gti.rows import collate
 
-    picked = random.Random(seed).sample(rows, batch_size * n)
-    return [pad_batch(picked[i * batch_size : (i + 1) * batch_size], pad_id) for i in range(n)]
+    picked = [vars(r) for r in random.Random(seed).sample(rows, batch_size * n)]  # Encoded -> {input_ids, labels}
+    return [collate(picked[i * batch_size : (i + 1) * batch_size], pad_id) for i in range(n)]
 
 
 def device_for(accelerator: str) -> torch.device:

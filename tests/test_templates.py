@@ -1,7 +1,8 @@
 import pytest
 
 from gti.errors import ConfigError
-from gti.templates import GROUNDING_TEMPLATES, REC_TEMPLATES, PromptFormatter, pad_batch, render
+from gti.rows import collate
+from gti.templates import GROUNDING_TEMPLATES, REC_TEMPLATES, PromptFormatter, render
 from gti.vocab import add_tokens
 
 FIELDS = {"title": "Toy Story (1995)", "description": "Animation, Comedy", "sid": "<a_1><b_0>", "history": "<a_0><b_1>"}
@@ -46,11 +47,11 @@ def test_encode_never_cuts_a_row_too_long(tokenizer):
     assert len(fmt.encode("word " * 200, "the answer", need).input_ids) == need
 
 
-def test_pad_batch_left_and_right(tokenizer):
+def test_collate_left_and_right(tokenizer):
     fmt = PromptFormatter(tokenizer)
-    rows = [fmt.encode("a", "b", 64), fmt.encode("a longer prompt here", "b", 64)]
-    right = pad_batch(rows, 0)
-    left = pad_batch(rows, 0, left=True)
+    rows = [vars(fmt.encode("a", "b", 64)), vars(fmt.encode("a longer prompt here", "b", 64))]
+    right = collate(rows, 0)
+    left = collate(rows, 0, left=True)
     assert right["attention_mask"][0, 0] == 1 and left["attention_mask"][0, -1] == 1
     assert left["attention_mask"][0, 0] == 0 and (right["labels"][0, right["attention_mask"][0] == 0] == -100).all()
 
