@@ -10,69 +10,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from gti.data import Dataset
-from gti.diagnostics import level_of, plot_cosine_map, plot_spectrum, rsa, summarize
-from gti.io import write_json
-from gti.vocab import NewTokens
-
-
-def codebooks_path(ds: Dataset) -> Path:
-    return ds.root / ds.name / f"{ds.name}.codebooks.npy"
-
-
-def code_vectors(tokens: list[str], codebooks: np.ndarray | None) -> tuple[list[int], np.ndarray] | None:
-    """Rows of `tokens` that have a quantiser code vector (the dedup level and extra tokens have none)."""
-    if codebooks is None:
-        return None
-    keep, vecs = [], []
-    for i, tok in enumerate(tokens):
-        level = level_of(tok)
-        code = int(tok.rsplit("_", 1)[1].rstrip(">")) if level >= 0 else -1
-        if 0 <= level < codebooks.shape[0] and 0 <= code < codebooks.shape[1]:
-            keep.append(i)
-            vecs.append(codebooks[level, code])
-    return (keep, np.stack(vecs)) if len(keep) > 2 else None
-
-
-def new_rows(model, new: NewTokens) -> torch.Tensor:
-    return model.get_input_embeddings().weight.detach()[new.start : new.start + len(new)].float().clone()
-
-
-def diagnose_rows(model, tokenizer, new: NewTokens, ds: Dataset | None, out_dir: Path, tag: str, before: dict | None = None) -> dict:
-    """Summary of the new rows (JSON + plots in out_dir). Returns the compact summary."""
-    E = new_rows(model, new)
-    old = model.get_input_embeddings().weight.detach()[: new.start].float()
-    levels = [level_of(t) for t in new.tokens]
-    summary = summarize(E, levels=levels, old_rows=old, tokenizer=tokenizer, token_names=new.tokens, sample=3)
-    cb = None
-    if ds is not None and codebooks_path(ds).is_file():
-        cb = np.load(codebooks_path(ds), allow_pickle=False)
-    cv = code_vectors(new.tokens, cb)
-    if cv is not None:
-        keep, C = cv
-        summary["rsa"] = rsa(E[keep], torch.from_numpy(C).float())
-    write_json(out_dir / f"diagnostics_{tag}.json", summary)
-    plot_spectrum({tag: E} if before is None else {"init": before["_E"], tag: E}, out_dir / f"spectrum_{tag}.png")
-    order = sorted(range(len(new.tokens)), key=lambda i: (levels[i], i))
-    plot_cosine_map(E, order, out_dir / f"cosine_{tag}.png", f"cosine of new rows ({tag})")
-    compact = {k: summary[k] for k in ("effective_rank", "effective_rank_centered", "participation_ratio", "mean_cosine", "level_cosine", "rsa") if k in summary}
-    compact["_E"] = E  # kept in memory for the next plot, dropped before JSON
-    return compact
-
-
-def public(d: dict) -> dict:
-    return {k: v for k, v in d.items() if not k.startswith("_")}
+from gti.analysis.report import diagnose_rows, public
+from gti.tokens.vocab import NewTokens
 
 
 def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gti.cli import guarded
-    from gti.data import load_dataset
-    from gti.errors import ConfigError
+    from gti.core.cli import guarded
+    from gti.core.errors import ConfigError
+    from gti.data.dataset import load_dataset
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:

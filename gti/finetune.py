@@ -16,11 +16,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gti.config import EVAL_PRECISIONS, EvalConfig, FinetuneConfig, load_config, to_yaml
-from gti.errors import ConfigError
+from gti.core.config import FinetuneConfig, eval_problems, load_config, to_yaml
+from gti.core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from gti.vocab import NewTokens
+    from gti.tokens.vocab import NewTokens
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -29,9 +29,9 @@ def load_stage1(cfg: FinetuneConfig):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gti.data import load_dataset
-    from gti.io import file_sha256
-    from gti.vocab import NewTokens
+    from gti.core.io import file_sha256
+    from gti.data.dataset import load_dataset
+    from gti.tokens.vocab import NewTokens
 
     run = Path(cfg.init_from)
     problems = []
@@ -51,7 +51,7 @@ def load_stage1(cfg: FinetuneConfig):
     ds = load_dataset(d["root"], d["name"], need_index=True)
     if file_sha256(ds.path("index")) != meta["sid_index"]["sha256"]:
         raise ConfigError(f"{ds.path('index')} changed since {run} was grounded; re-run gti.ground")
-    from gti.setup import subset
+    from gti.data.slices import subset
 
     ds = subset(ds, cfg.data.max_users, cfg.data.max_items)
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
@@ -71,7 +71,7 @@ def apply_lora(model, cfg: FinetuneConfig, new: NewTokens):
     """
     from peft import LoraConfig, get_peft_model
 
-    from gti.overlay import install_overlay
+    from gti.tokens.overlay import install_overlay
 
     rows = install_overlay(model, new.start, len(new))  # freezes the model, returns the new-row table(s)
     lc = LoraConfig(
@@ -86,36 +86,18 @@ def apply_lora(model, cfg: FinetuneConfig, new: NewTokens):
 
 def merge_lora(model):
     """The plain HF model: LoRA deltas merged into the projections, overlay rows into embedding / head."""
-    from gti.overlay import merge_overlay
+    from gti.tokens.overlay import merge_overlay
 
     model = model.merge_and_unload()
     merge_overlay(model)  # a tied model stays tied: the rows go into its one shared matrix
     return model
 
 
-def eval_problems(ev: EvalConfig) -> list[str]:
-    """What is wrong with the eval section, checked before any compute (also by gti.benchmark / gti.protocol)."""
-    problems = []
-    if ev.num_beams < 1:
-        problems.append(f"eval.num_beams={ev.num_beams}: must be >= 1")
-    if not ev.ks or min(ev.ks) < 1:
-        problems.append(f"eval.ks={list(ev.ks)}: needs one or more cut-offs >= 1")
-    elif max(ev.ks) > ev.num_beams:
-        k = max(ev.ks)
-        problems.append(
-            f"eval.ks: K={k} exceeds eval.num_beams={ev.num_beams}; beam search returns at most num_beams "
-            f"items, so Recall@{k} would be capped; raise eval.num_beams to >= {k}"
-        )
-    if ev.precision not in EVAL_PRECISIONS:
-        problems.append(f"eval.precision={ev.precision!r}: choose one of {', '.join(EVAL_PRECISIONS)}")
-    return problems
-
-
 def baselines(ds, train_inter: dict, examples: list, ks: list[int], seed: int) -> dict:
     """Most-popular and random item lists scored by the same metric code."""
     import torch
 
-    from gti.metrics import RankingMetrics, popularity_ranking, random_ranking, rank_of
+    from gti.rank.metrics import RankingMetrics, popularity_ranking, random_ranking, rank_of
 
     out = {}
     k = max(ks)
@@ -139,24 +121,18 @@ def run(cfg: FinetuneConfig) -> Path:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from gti.batching import training_loader
-    from gti.data import leave_one_out
-    from gti.diagnose import diagnose_rows, public
-    from gti.io import write_json, write_jsonl
-    from gti.recommender import RecommenderModule, check_prompt_lengths, gather_predictions
-    from gti.rows import collate, eval_rows, rec_train_rows
-    from gti.setup import (
-        RunDir,
-        ensure_dataset,
-        extend_model,
-        make_trainer,
-        run_metadata,
-        save_hf,
-        set_threads,
-        write_metadata,
-    )
-    from gti.templates import PromptFormatter
-    from gti.trie import SidTrie
+    from gti.analysis.report import diagnose_rows, public
+    from gti.core.io import write_json, write_jsonl
+    from gti.core.runs import RunDir, run_metadata, save_hf, write_metadata
+    from gti.data.dataset import leave_one_out
+    from gti.indexing.ensure import ensure_dataset
+    from gti.rank.trie import SidTrie
+    from gti.tokens.extend import extend_model
+    from gti.train.batching import training_loader
+    from gti.train.recommender import RecommenderModule, check_prompt_lengths, gather_predictions
+    from gti.train.rows import collate, eval_rows, rec_train_rows
+    from gti.train.templates import PromptFormatter
+    from gti.train.trainer import make_trainer, set_threads
 
     set_threads(cfg.trainer)  # before any work: row building and model loading use the threads too
     L.seed_everything(cfg.seed, workers=True)
@@ -169,7 +145,7 @@ def run(cfg: FinetuneConfig) -> Path:
     run_dir = RunDir(Path(cfg.output_dir))
     work = run_dir.start(cfg.resume, cfg)
 
-    splits = leave_one_out(ds.inter, cfg.data.max_history, train=False)  # training rows: gti.rows, cached
+    splits = leave_one_out(ds.inter, cfg.data.max_history, train=False)  # training rows: gti.train.rows, cached
     valid, test = splits["valid"], splits["test"]
     if cfg.eval.max_users > 0:
         valid, test = valid[: cfg.eval.max_users], test[: cfg.eval.max_users]
@@ -227,7 +203,7 @@ def run(cfg: FinetuneConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.cli import guarded
+    from gti.core.cli import guarded
 
     cfg = guarded(lambda: load_config(FinetuneConfig, argv))
     print(to_yaml(cfg))

@@ -12,19 +12,19 @@ import sys
 import time
 from pathlib import Path
 
-from gti.config import GroundConfig, load_config, to_yaml
-from gti.errors import ConfigError
+from gti.core.config import GroundConfig, load_config, to_yaml
+from gti.core.errors import ConfigError
 
 
 def validate(cfg: GroundConfig) -> None:
-    from gti.templates import GROUNDING_TEMPLATES
+    from gti.train.templates import GROUNDING_TEMPLATES
 
     problems = [f"ground.templates: unknown template '{t}' (known: {', '.join(GROUNDING_TEMPLATES)})" for t in cfg.ground.templates if t not in GROUNDING_TEMPLATES]
     if cfg.tokens_file and not Path(cfg.tokens_file).is_file():
         problems.append(f"tokens_file: {cfg.tokens_file} not found")
     if cfg.optim.batch_size < 1 or cfg.max_length < 8:
         problems.append("optim.batch_size must be >= 1 and max_length >= 8")
-    from gti.init_strategies import STRATEGIES
+    from gti.tokens.init_strategies import STRATEGIES
 
     if cfg.init not in STRATEGIES:
         problems.append(f"init: unknown strategy '{cfg.init}' (known: {', '.join(STRATEGIES)})")
@@ -36,24 +36,16 @@ def run(cfg: GroundConfig) -> Path:
     import lightning as L
     import torch
 
-    from gti.batching import training_loader
-    from gti.diagnose import diagnose_rows, public
-    from gti.grounding import GroundingModule
-    from gti.overlay import merge_overlay, overlay_rows
-    from gti.rows import grounding_rows
-    from gti.setup import (
-        RunDir,
-        ensure_dataset,
-        extend_model,
-        global_rank,
-        make_trainer,
-        run_metadata,
-        save_hf,
-        set_threads,
-        unshard,
-        write_metadata,
-    )
-    from gti.templates import PromptFormatter
+    from gti.analysis.report import diagnose_rows, public
+    from gti.core.runs import RunDir, global_rank, run_metadata, save_hf, write_metadata
+    from gti.indexing.ensure import ensure_dataset
+    from gti.tokens.extend import extend_model
+    from gti.tokens.overlay import merge_overlay, overlay_rows
+    from gti.train.batching import training_loader
+    from gti.train.grounding import GroundingModule
+    from gti.train.rows import grounding_rows
+    from gti.train.templates import PromptFormatter
+    from gti.train.trainer import make_trainer, set_threads, unshard
 
     validate(cfg)
     set_threads(cfg.trainer)  # before any work: row building and model loading use the threads too
@@ -118,7 +110,7 @@ def _last_loss(trainer) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.cli import guarded
+    from gti.core.cli import guarded
 
     cfg = guarded(lambda: load_config(GroundConfig, argv))
     print(to_yaml(cfg))

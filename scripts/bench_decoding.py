@@ -1,9 +1,9 @@
 """Trie-constrained beam search: our decoders vs HF generate, side by side in one run.
 
 Same model, prompts (one per user), trie and beam settings for every variant:
-  (a) gti.trie.constrained_beam_search: prompt encoded once, beams as tree attention over one shared cache,
+  (a) gti.rank.trie.constrained_beam_search: prompt encoded once, beams as tree attention over one shared cache,
       no host sync in the step loop
-  (r) gti.trie.constrained_beam_search_reference: the previous decoder, prompt cache copied to the beams
+  (r) gti.rank.trie.constrained_beam_search_reference: the previous decoder, prompt cache copied to the beams
   (a') HF generate + our TrieLogitsProcessor (generate encodes each prompt num_beams times)
   (b) HF generate + prefix_allowed_tokens_fn over a Python prefix dict   (c) HF generate, no constraint
 Prints wall time per batch, users/s, the constraint-only cost per decoding step, the speed-ups of (a), and
@@ -20,24 +20,17 @@ import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.logits_process import PrefixConstrainedLogitsProcessor
 
-from gti.assets import resolve_model
-from gti.trie import (
-    SidTrie,
-    TrieLogitsProcessor,
-    beam_generation_config,
-    beams_to_items,
-    collect_beams,
-    constrained_beam_search,
-    constrained_beam_search_reference,
-    hf_constrained_beam_search,
-)
-from gti.vocab import add_tokens, resize
+from gti.core.assets import resolve_model
+from gti.rank.beam_reference import constrained_beam_search_reference
+from gti.rank.beam_search import constrained_beam_search
+from gti.rank.trie import SidTrie, beams_to_items
+from gti.testing import TrieLogitsProcessor, beam_generation_config, collect_beams, hf_constrained_beam_search
+from gti.tokens.vocab import add_tokens, resize
 
 LEVELS = 4
 
@@ -45,8 +38,7 @@ LEVELS = 4
 def load(name: str, device: str):
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m" if name == "tiny" else name))
     if name == "tiny":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import make_tiny_llama
+        from gti.testing import make_tiny_llama
 
         model = make_tiny_llama(len(tok))
     else:

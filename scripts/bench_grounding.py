@@ -15,30 +15,28 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 
 def child(args) -> None:
     import torch
 
-    from gti.overlay import install_overlay
-    from gti.vocab import add_tokens, resize
+    from gti.tokens.overlay import install_overlay
+    from gti.tokens.vocab import add_tokens, resize
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     if args.model == "tiny":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from conftest import make_tiny_llama
         from transformers import AutoTokenizer
 
-        from gti.assets import resolve_model
+        from gti.core.assets import resolve_model
+        from gti.testing import make_tiny_llama
 
         tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
         model = make_tiny_llama(len(tok))
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from gti.assets import resolve_model
+        from gti.core.assets import resolve_model
 
         path = resolve_model(args.model)
         tok = AutoTokenizer.from_pretrained(path)

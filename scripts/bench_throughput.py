@@ -9,8 +9,8 @@ Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's
   3. full: today's full-logits step (trainer.lean_step=false).
   Ours-lean and ours-full alternate step by step (lean, full, full, lean, ...) and a raw step runs before each
   of them, so a shared CPU slows all three alike. Targets: ours/raw >= 0.9x; lean/full is the lean step's gain.
-  4. ranking users/s on ML-100K test users (prompts as gti.rows.eval_rows builds them, template 0): our decoder
-     (`gti.trie.constrained_beam_search`) vs HF generate + trie (`hf_constrained_beam_search`), alternating per
+  4. ranking users/s on ML-100K test users (prompts as gti.train.rows.eval_rows builds them, template 0): our decoder
+     (`gti.rank.trie.constrained_beam_search`) vs HF generate + trie (`hf_constrained_beam_search`), alternating per
      batch, and the share of users for whom both return the same item list. New rows start random, not mean:
      identical rows would tie every SID score and make the comparison meaningless.
   5. time from the command to the first training step of `python -m gti.finetune` (1 step, 2 test users), as
@@ -109,8 +109,8 @@ def step_speed(module, twin, data: list[dict], precision: str, accelerator: str,
     """Tokens/s of ours-lean, ours-full and raw over the same batches; len(data) = warmup + 2 * steps + 1."""
     from lightning.pytorch.callbacks import LambdaCallback
 
-    from gti.config import TrainerConfig
-    from gti.setup import make_trainer
+    from gti.core.config import TrainerConfig
+    from gti.train.trainer import make_trainer
 
     timer = Interleaved(data, twin, warmup, device_for(accelerator))
     hooks = LambdaCallback(on_train_batch_start=timer.on_train_batch_start)
@@ -122,7 +122,7 @@ def step_speed(module, twin, data: list[dict], precision: str, accelerator: str,
 
 
 def batches(rows: list, batch_size: int, n: int, pad_id: int, seed: int = 0) -> list[dict]:
-    from gti.rows import collate
+    from gti.train.rows import collate
 
     picked = [vars(r) for r in random.Random(seed).sample(rows, batch_size * n)]  # Encoded -> {input_ids, labels}
     return [collate(picked[i * batch_size : (i + 1) * batch_size], pad_id) for i in range(n)]
@@ -135,12 +135,13 @@ def device_for(accelerator: str) -> torch.device:
 
 def build(args):
     """SmolLM2 extended with ML-100K's SID tokens (random new rows), its grounding and fine-tuning rows."""
-    from gti.config import DataConfig, FinetuneConfig, GroundStageConfig
-    from gti.data import last_per_user, leave_one_out, load_dataset
-    from gti.grounding import grounding_examples
-    from gti.recommender import train_rows
-    from gti.setup import extend_model, subset
-    from gti.templates import PromptFormatter
+    from gti.core.config import DataConfig, FinetuneConfig, GroundStageConfig
+    from gti.data.dataset import last_per_user, leave_one_out, load_dataset
+    from gti.data.slices import subset
+    from gti.tokens.extend import extend_model
+    from gti.train.grounding import grounding_examples
+    from gti.train.recommender import train_rows
+    from gti.train.templates import PromptFormatter
 
     ds = subset(load_dataset(args.data_root, args.dataset, need_index=True), 0, 0)
     model, tok, new = extend_model(args.model, ds, "random", {}, None, 0)
@@ -153,9 +154,9 @@ def build(args):
 
 
 def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
-    from gti.grounding import GroundingModule
-    from gti.overlay import install_overlay
-    from gti.recommender import RecommenderModule
+    from gti.tokens.overlay import install_overlay
+    from gti.train.grounding import GroundingModule
+    from gti.train.recommender import RecommenderModule
 
     n = args.warmup + 2 * args.steps + 1
     ground_data = batches(ground_rows, args.ground_batch, n, tok.pad_token_id)
@@ -183,9 +184,11 @@ def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
 # ----------------------------------------------------------------------------------------- ranking
 def ranking_speed(args, ds, model, tok, fmt) -> dict:
     """Users/s of our decoder vs HF generate + trie on the same prompts, alternating per batch (ABBA)."""
-    from gti.data import leave_one_out
-    from gti.rows import collate, eval_rows
-    from gti.trie import SidTrie, beams_to_items, constrained_beam_search, hf_constrained_beam_search
+    from gti.data.dataset import leave_one_out
+    from gti.rank.beam_search import constrained_beam_search
+    from gti.rank.trie import SidTrie, beams_to_items
+    from gti.testing import hf_constrained_beam_search
+    from gti.train.rows import collate, eval_rows
 
     device = device_for(args.accelerator)
     users = args.rank_users or (512 if device.type == "cuda" else 8)
@@ -223,7 +226,7 @@ def sids_overrides(root: str, name: str) -> list[str]:
     """The stage must use the index on disk: pass the quantiser settings its report records (ml-1m: 3 x 64)."""
     import json
 
-    from gti.config import SidsConfig
+    from gti.core.config import SidsConfig
 
     report = Path(root) / name / f"{name}.sids_report.json"
     settings = json.loads(report.read_text()).get("settings", {}) if report.is_file() else {}

@@ -21,12 +21,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gti.data import leave_one_out, load_dataset
-from gti.recommender import ranking_precision
-from gti.rows import collate, eval_rows
-from gti.setup import subset
-from gti.templates import PromptFormatter
-from gti.trie import SidTrie, beams_to_items, constrained_beam_search
+from gti.data.dataset import leave_one_out, load_dataset
+from gti.data.slices import subset
+from gti.rank.beam_search import constrained_beam_search
+from gti.rank.trie import SidTrie, beams_to_items
+from gti.train.recommender import ranking_precision
+from gti.train.rows import collate, eval_rows
+from gti.train.templates import PromptFormatter
 
 
 def rank(model, tok, trie, loader, num_beams: int, precision: str) -> tuple[list[list[int]], list[dict]]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
+
+from gti.testing import make_tiny_llama
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -13,7 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
-    from gti.assets import resolve_model
+    from gti.core.assets import resolve_model
 
     return resolve_model("smollm2-135m")
 
@@ -28,29 +29,6 @@ def tokenizer(smollm2_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_path)
-
-
-def make_tiny_llama(vocab_size: int, tied: bool = True, seed: int = 0, **config):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(  # **config: overrides (e.g. initializer_range for sharper logits)
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=tied,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        **config,
-    )
-    model = LlamaForCausalLM(config)
-    model.eval()
-    return model
 
 
 @pytest.fixture()

@@ -23,12 +23,12 @@ def write_toy_dataset(root: Path, name: str = "toy", users: int = 9, items: int 
 
 def spy_train_rows(monkeypatch) -> dict:
     """Record what gti.finetune.run really trains on: its rows (as Encoded) and the split examples behind them."""
-    import gti.rows
-    from gti.data import last_per_user, leave_one_out
-    from gti.templates import Encoded
+    import gti.train.rows
+    from gti.data.dataset import last_per_user, leave_one_out
+    from gti.train.templates import Encoded
 
     seen: dict = {}
-    real = gti.rows.rec_train_rows
+    real = gti.train.rows.rec_train_rows
 
     def rec_train_rows(ds, fmt, cfg, new, stage="gti.finetune"):
         rows = real(ds, fmt, cfg, new, stage)
@@ -39,5 +39,5 @@ def spy_train_rows(monkeypatch) -> dict:
         seen.update(ds=ds, train=train, rows=rows_, new=new, tokenizer=fmt.tok)
         return rows
 
-    monkeypatch.setattr(gti.rows, "rec_train_rows", rec_train_rows)
+    monkeypatch.setattr(gti.train.rows, "rec_train_rows", rec_train_rows)
     return seen

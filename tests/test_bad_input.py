@@ -6,8 +6,8 @@ import shutil
 import pytest
 from fixtures import write_toy_dataset
 
-from gti.config import DataConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig
-from gti.errors import ConfigError, DataError, TrainingError
+from gti.core.config import DataConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig
+from gti.core.errors import ConfigError, DataError, TrainingError
 
 
 def ground_cfg(tmp_path, model_dir, **kw):
@@ -90,7 +90,7 @@ def test_changed_sid_index_is_detected(tmp_path, tiny_model_dir):
     ],
 )
 def test_tokens_file_errors(tmp_path, line, match):
-    from gti.vocab import read_tokens_file
+    from gti.tokens.vocab import read_tokens_file
 
     p = tmp_path / "tokens.jsonl"
     p.write_text(line)
@@ -107,7 +107,7 @@ def test_missing_dataset_names_the_command(tmp_path, tiny_model_dir):
 
 
 def test_unknown_template_and_strategy_listed_together(tmp_path, tiny_model_dir):
-    from gti.config import GroundStageConfig
+    from gti.core.config import GroundStageConfig
     from gti.ground import run
 
     with pytest.raises(ConfigError) as e:

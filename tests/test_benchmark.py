@@ -7,11 +7,19 @@ from pathlib import Path
 import pytest
 from fixtures import write_toy_dataset
 
-import gti.benchmark
-from gti.benchmark import BenchmarkConfig, check_same_sids, list_diversity, run, run_cell
-from gti.config import DataConfig, EvalConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig, load_config
-from gti.errors import GtiError
-from gti.finetune import eval_problems
+import gti.experiments.benchmark
+from gti.core.config import (
+    DataConfig,
+    EvalConfig,
+    FinetuneConfig,
+    GroundConfig,
+    OptimConfig,
+    TrainerConfig,
+    eval_problems,
+    load_config,
+)
+from gti.core.errors import GtiError
+from gti.experiments.benchmark import BenchmarkConfig, check_same_sids, list_diversity, run, run_cell
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -65,13 +73,13 @@ def test_stage_processes_get_their_share_of_the_cores(tmp_path, monkeypatch):
         envs.append((cmd[2], env))
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(gti.benchmark.subprocess, "run", fake_run)
+    monkeypatch.setattr(gti.experiments.benchmark.subprocess, "run", fake_run)
     run_cell(BenchmarkConfig(output_dir=str(tmp_path / "a"), threads=3), "gti-mean", 0)
     assert [m for m, _ in envs] == ["gti.ground", "gti.finetune"]
     for _, env in envs:
         assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3" and env["TOKENIZERS_PARALLELISM"] == "false"
     envs.clear()
-    monkeypatch.setattr(gti.benchmark.os, "cpu_count", lambda: 5)
+    monkeypatch.setattr(gti.experiments.benchmark.os, "cpu_count", lambda: 5)
     run_cell(BenchmarkConfig(output_dir=str(tmp_path / "b"), parallel=2), "mean", 0)  # threads 0: 5 cores // 2
     assert envs[0][1]["OMP_NUM_THREADS"] == "2"
     envs.clear()

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gti.config import FinetuneConfig, GroundConfig, PrepareConfig, SidsConfig, _flatten, load_config
-from gti.errors import ConfigError
+from gti.core.config import FinetuneConfig, GroundConfig, PrepareConfig, SidsConfig, _flatten, load_config
+from gti.core.errors import ConfigError
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 SCHEMAS = {"ground": GroundConfig, "finetune": FinetuneConfig, "prepare": PrepareConfig, "sids": SidsConfig}
@@ -18,10 +18,10 @@ def schema_for(path: Path):
         if path.stem.startswith(prefix):
             return schema
     if path.stem.startswith("benchmark"):
-        from gti.benchmark import BenchmarkConfig
+        from gti.experiments.benchmark import BenchmarkConfig
 
         return BenchmarkConfig
-    from gti.protocol import ProtocolConfig
+    from gti.experiments.protocol import ProtocolConfig
 
     return ProtocolConfig
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from gti.diagnostics import (
+from gti.analysis.diagnostics import (
     effective_rank,
     level_cosines,
     level_of,

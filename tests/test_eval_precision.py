@@ -7,10 +7,10 @@ import pytest
 import torch
 from fixtures import write_toy_dataset
 
-import gti.recommender
-from gti.config import DataConfig, EvalConfig, FinetuneConfig, TrainerConfig
-from gti.errors import ConfigError
-from gti.recommender import ranking_precision
+import gti.train.recommender
+from gti.core.config import DataConfig, EvalConfig, FinetuneConfig, TrainerConfig
+from gti.core.errors import ConfigError
+from gti.train.recommender import ranking_precision
 
 ROOT = Path(__file__).parent.parent
 
@@ -37,7 +37,7 @@ def evaluate(tmp_path_factory, sharp_model_dir):
     def get(precision: str, eval_precision: str = "fp32"):
         if (precision, eval_precision) in cache:
             return cache[precision, eval_precision]
-        scores, search = [], gti.recommender.constrained_beam_search
+        scores, search = [], gti.train.recommender.constrained_beam_search
 
         def spy(*args, **kw):
             beams = search(*args, **kw)
@@ -53,7 +53,7 @@ def evaluate(tmp_path_factory, sharp_model_dir):
             output_dir=str(out),
         )
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(gti.recommender, "constrained_beam_search", spy)
+            mp.setattr(gti.train.recommender, "constrained_beam_search", spy)
             run(cfg)
         preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
         cache[precision, eval_precision] = preds, json.loads((out / "metrics.json").read_text()), scores, out
@@ -127,9 +127,9 @@ def test_bad_eval_config_fails_before_any_compute(tmp_path, ev, match):
 
 
 def test_benchmark_and_protocol_reject_ks_above_beams(tmp_path, monkeypatch):
-    from gti.benchmark import BenchmarkConfig
-    from gti.benchmark import run as benchmark
-    from gti.protocol import ProtocolConfig, check, commands
+    from gti.experiments.benchmark import BenchmarkConfig
+    from gti.experiments.benchmark import run as benchmark
+    from gti.experiments.protocol import ProtocolConfig, check, commands
 
     cfg = BenchmarkConfig(output_dir=str(tmp_path / "b"))
     cfg.finetune.eval = EvalConfig(num_beams=5, ks=[5, 10])
@@ -144,10 +144,9 @@ def test_benchmark_and_protocol_reject_ks_above_beams(tmp_path, monkeypatch):
 
 
 def test_every_config_ranks_within_its_beams(monkeypatch):
-    from gti.benchmark import BenchmarkConfig
-    from gti.config import load_config
-    from gti.finetune import eval_problems
-    from gti.protocol import SCHEMAS, ProtocolConfig, commands
+    from gti.core.config import eval_problems, load_config
+    from gti.experiments.benchmark import BenchmarkConfig
+    from gti.experiments.protocol import SCHEMAS, ProtocolConfig, commands
 
     monkeypatch.chdir(ROOT)
     checked = 0

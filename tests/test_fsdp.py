@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import fsdp as lightning_fsdp
 from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-import gti.overlay
+import gti.tokens.overlay
 from gti.ground import main
 
 
@@ -43,7 +43,7 @@ def full_state_dict(module, world_size, rank0_only=True):
     )
 
 
-read_rows = gti.overlay.overlay_rows
+read_rows = gti.tokens.overlay.overlay_rows
 
 
 def keep_table(model):  # the table gti.ground reads just before merge_overlay
@@ -55,7 +55,7 @@ def keep_table(model):  # the table gti.ground reads just before merge_overlay
 
 StrategyRegistry.register("fsdp_cpu", CPUFSDPStrategy)
 lightning_fsdp._get_full_state_dict_context = full_state_dict
-gti.overlay.overlay_rows = keep_table
+gti.tokens.overlay.overlay_rows = keep_table
 main(sys.argv[2:])
 """
 
@@ -88,8 +88,8 @@ def test_fsdp_grounding_trains_and_merges_the_overlay(tmp_path, tiny_model_dir):
 
     from transformers import AutoModelForCausalLM
 
-    from gti.data import load_dataset
-    from gti.setup import extend_model
+    from gti.data.dataset import load_dataset
+    from gti.tokens.extend import extend_model
 
     # merge_overlay gave a plain HF model holding exactly the trained (n, d) table, not a shard of it
     trained, rows = torch.load(table), new_rows(tmp_path / "fsdp")

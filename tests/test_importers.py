@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from gti.config import PrepareConfig
-from gti.errors import ConfigError, DataError
-from gti.importers.amazon import clean_text, parse_record
-from gti.importers.minionerec import chain_windows
-from gti.prepare import run
+from gti.core.config import PrepareConfig
+from gti.core.errors import ConfigError, DataError
+from gti.data.convert import run
+from gti.data.importers.amazon import clean_text, parse_record
+from gti.data.importers.minionerec import chain_windows
 
 USERS = [f"U{u}" for u in range(6)]
 ASINS = [f"B000{i}" for i in range(6)]

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from gti.errors import ConfigError
-from gti.init_strategies import STRATEGIES, InitContext, initialize_rows
+from gti.core.errors import ConfigError
+from gti.tokens.init_strategies import STRATEGIES, InitContext, initialize_rows
 
 # 6 old rows in 2-d, easy numbers: mean = (15/6, 6/6) = (2.5, 1.0)
 OLD = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 2.0], [3.0, 1.0], [4.0, 0.0], [5.0, 3.0]])
@@ -208,7 +208,7 @@ def test_unknown_strategy():
 def test_early_exit_hidden_states_match_the_full_forward():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gti.init_strategies import _hidden_at
+    from gti.tokens.init_strategies import _hidden_at
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from fixtures import write_toy_dataset
 
-from gti.config import DataConfig, FinetuneConfig, GroundConfig, LoraConfig, OptimConfig, TrainerConfig
-from gti.setup import lean_lm_loss, uses_full_loss
-from gti.vocab import NewTokens
+from gti.core.config import DataConfig, FinetuneConfig, GroundConfig, LoraConfig, OptimConfig, TrainerConfig
+from gti.tokens.vocab import NewTokens
+from gti.train.step import lean_lm_loss, uses_full_loss
 
 N_NEW = 6
 
@@ -51,7 +51,7 @@ def assert_same(model, b: dict):
 
 
 def tiny(tokenizer, tied: bool):
-    from conftest import make_tiny_llama
+    from gti.testing import make_tiny_llama
 
     model = make_tiny_llama(len(tokenizer) + N_NEW, tied=tied)
     return model, NewTokens([f"<a_{i}>" for i in range(N_NEW)], len(tokenizer), [["x"]] * N_NEW)
@@ -59,8 +59,8 @@ def tiny(tokenizer, tied: bool):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_grounding_new_rows(tokenizer, tied):
-    from gti.grounding import GroundingModule
-    from gti.overlay import NewRowsHead
+    from gti.tokens.overlay import NewRowsHead
+    from gti.train.grounding import GroundingModule
 
     model, new = tiny(tokenizer, tied)
     GroundingModule(model, new, lr=1e-3, weight_decay=0.0, warmup_steps=0)  # installs the overlay, model.train()
@@ -100,7 +100,7 @@ def test_softcapped_models_take_the_full_path(tokenizer):
 def test_nan_found_at_a_logging_step_names_the_first_bad_step(tmp_path, tiny_model_dir, monkeypatch, lean_step):
     from transformers import LlamaModel
 
-    from gti.errors import TrainingError
+    from gti.core.errors import TrainingError
     from gti.ground import run
 
     forward, calls = LlamaModel.forward, []

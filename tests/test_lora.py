@@ -11,7 +11,7 @@ import pytest
 import torch
 from fixtures import write_toy_dataset
 
-from gti.config import DataConfig, EvalConfig, FinetuneConfig, LoraConfig, OptimConfig, TrainerConfig
+from gti.core.config import DataConfig, EvalConfig, FinetuneConfig, LoraConfig, OptimConfig, TrainerConfig
 
 NEW = ["<a_0>", "<a_1>", "<b_0>", "<b_1>"]
 
@@ -32,13 +32,13 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_lora_trains_new_rows_and_merged_model_reloads_exactly(tmp_path, tokenizer, tied):
-    from conftest import make_tiny_llama
     from torch import nn
     from transformers import AutoModelForCausalLM
 
     from gti.finetune import apply_lora, merge_lora
-    from gti.recommender import RecommenderModule
-    from gti.vocab import add_tokens, resize, set_rows
+    from gti.testing import make_tiny_llama
+    from gti.tokens.vocab import add_tokens, resize, set_rows
+    from gti.train.recommender import RecommenderModule
 
     model = make_tiny_llama(len(tokenizer), tied=tied)
     new = add_tokens(tokenizer, NEW, [["x"]] * len(NEW))
@@ -98,7 +98,7 @@ def test_lora_finetune_run_saves_a_model_that_reloads_as_trained(
     from transformers import AutoModelForCausalLM
 
     import gti.finetune as ft
-    from gti.overlay import overlay_rows
+    from gti.tokens.overlay import overlay_rows
 
     seen = {}
     apply_lora, merge_lora = ft.apply_lora, ft.merge_lora
@@ -151,7 +151,7 @@ def test_overlay_head_keeps_the_bias_of_a_biased_head():
     (the same gap as peft trainable tokens, huggingface/peft#3649)."""
     from torch import nn
 
-    from gti.overlay import NewRowsHead
+    from gti.tokens.overlay import NewRowsHead
 
     torch.manual_seed(0)
     base = nn.Linear(16, 40, bias=True)  # (V=40, d=16), new ids 30..35

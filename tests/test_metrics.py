@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gti.metrics import RankingMetrics, ndcg_at, popularity_ranking, random_ranking, rank_of
+from gti.rank.metrics import RankingMetrics, ndcg_at, popularity_ranking, random_ranking, rank_of
 
 
 def test_rank_of():

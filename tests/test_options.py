@@ -5,10 +5,11 @@ import json
 import pytest
 from fixtures import write_toy_dataset
 
-from gti.config import DataConfig, GroundConfig, OptimConfig, TrainerConfig
-from gti.data import Dataset
-from gti.errors import ConfigError
-from gti.setup import make_trainer, subset
+from gti.core.config import DataConfig, GroundConfig, OptimConfig, TrainerConfig
+from gti.core.errors import ConfigError
+from gti.data.dataset import Dataset
+from gti.data.slices import subset
+from gti.train.trainer import make_trainer
 
 
 def _ds(inter):

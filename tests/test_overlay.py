@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gti.overlay import install_overlay, merge_overlay, overlay_rows
-from gti.vocab import add_tokens, is_tied, resize, set_rows
+from gti.tokens.overlay import install_overlay, merge_overlay, overlay_rows
+from gti.tokens.vocab import add_tokens, is_tied, resize, set_rows
 
 NEW = ["<a_0>", "<a_1>", "<b_0>", "<b_1>"]
 
@@ -30,7 +30,7 @@ def train_steps(model, params, tokenizer, new, steps=5, weight_decay=0.1):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_only_new_rows_change_with_weight_decay(tokenizer, tied):
-    from conftest import make_tiny_llama
+    from gti.testing import make_tiny_llama
 
     model = make_tiny_llama(len(tokenizer), tied=tied)
     new = extend(model, tokenizer)
@@ -65,8 +65,9 @@ def test_overlay_forward_matches_plain_model(tokenizer, tiny_model):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_saved_folder_reloads_new_rows_exactly(tmp_path, tokenizer, tied):
-    from conftest import make_tiny_llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gti.testing import make_tiny_llama
 
     model = make_tiny_llama(len(tokenizer), tied=tied)
     new = extend(model, tokenizer)
@@ -95,14 +96,14 @@ def test_no_stray_space_tokens(tokenizer):
 
 
 def test_existing_tokens_are_rejected(tokenizer):
-    from gti.errors import DataError
+    from gti.core.errors import DataError
 
     with pytest.raises(DataError, match="already exist"):
         add_tokens(tokenizer, ["hello", "<a_0>"], [["x"], ["y"]])
 
 
 def test_resize_never_shrinks_spare_rows(tokenizer):
-    from conftest import make_tiny_llama
+    from gti.testing import make_tiny_llama
 
     model = make_tiny_llama(len(tokenizer) + 64)  # Qwen-style spare rows
     add_tokens(tokenizer, NEW, [["x"]] * len(NEW))
@@ -115,7 +116,8 @@ def test_every_new_id_reads_the_overlay_table_after_it_changes(tokenizer, tied):
     """First and last new id included: an off-by-one in the overlay's id range would read a stale frozen row,
     which is invisible before training (the table starts as a copy of those rows)."""
     import torch.nn.functional as F
-    from conftest import make_tiny_llama
+
+    from gti.testing import make_tiny_llama
 
     model = make_tiny_llama(len(tokenizer), tied=tied)
     new = extend(model, tokenizer)

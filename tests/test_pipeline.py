@@ -6,7 +6,7 @@ import pytest
 import torch
 from fixtures import spy_train_rows, write_toy_dataset
 
-from gti.config import DataConfig, EvalConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig
+from gti.core.config import DataConfig, EvalConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig
 
 
 def tiny_trainer(steps):
@@ -101,7 +101,7 @@ def test_finetune_with_history_loss_on_tiling_windows(tmp_path, ground_run, monk
 
 
 def test_finetune_rejects_folder_that_is_not_stage1(tmp_path):
-    from gti.errors import ConfigError
+    from gti.core.errors import ConfigError
     from gti.finetune import run as finetune
 
     (tmp_path / "x").mkdir()

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from gti.config import PrepareConfig
-from gti.importers.movielens import packaged_dir
-from gti.prepare import run
+from gti.core.config import PrepareConfig
+from gti.data.convert import run
+from gti.data.importers.movielens import packaged_dir
 
 
 def independent_kcore(path, k=5):
@@ -74,7 +74,7 @@ def test_raw_grouplens_1m(tmp_path):
 
 
 def test_malformed_raw_line_names_file_and_line(tmp_path):
-    from gti.errors import DataError
+    from gti.core.errors import DataError
 
     src = tmp_path / "raw"
     src.mkdir()

@@ -9,9 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 from test_importers import write_amazon2014, write_amazon2018, write_lcrec
 
-from gti.config import load_config
-from gti.errors import ConfigError, GtiError
-from gti.protocol import ProtocolConfig, run
+from gti.core.config import load_config
+from gti.core.errors import ConfigError, GtiError
+from gti.experiments.protocol import ProtocolConfig, run
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = {  # config -> writer of a source folder in its format

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from gti.config import DataConfig, EvalConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig
+from gti.core.config import DataConfig, EvalConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig
 
 pytestmark = pytest.mark.slow
 

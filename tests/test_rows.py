@@ -8,13 +8,13 @@ import random
 import pytest
 from fixtures import write_toy_dataset
 
-from gti.config import DataConfig, FinetuneConfig
-from gti.data import last_per_user, leave_one_out, load_dataset
-from gti.grounding import grounding_examples
-from gti.recommender import rec_prompt, train_rows
-from gti.rows import RecComposer, collate, eval_rows, grounding_rows, rec_train_rows, train_table
-from gti.templates import GROUNDING_TEMPLATES, PromptFormatter
-from gti.vocab import add_tokens, sid_tokens
+from gti.core.config import DataConfig, FinetuneConfig
+from gti.data.dataset import last_per_user, leave_one_out, load_dataset
+from gti.tokens.vocab import add_tokens, sid_tokens
+from gti.train.grounding import grounding_examples
+from gti.train.recommender import rec_prompt, train_rows
+from gti.train.rows import RecComposer, collate, eval_rows, grounding_rows, rec_train_rows, train_table
+from gti.train.templates import GROUNDING_TEMPLATES, PromptFormatter
 
 
 @pytest.fixture()
@@ -112,7 +112,7 @@ def test_half_written_cache_is_never_read(toy, capsys):
 
 
 def test_too_long_history_is_a_config_error_naming_the_user(toy):
-    from gti.errors import ConfigError
+    from gti.core.errors import ConfigError
 
     ds, new, fmt = toy
     with pytest.raises(ConfigError, match="max_length=40 is too short: user"):

@@ -76,8 +76,8 @@ def test_ddp_grounding_trains_only_new_rows(tmp_path, tiny_model_dir):
     assert meta["steps"] == 4
     from transformers import AutoModelForCausalLM
 
-    from gti.data import load_dataset
-    from gti.setup import extend_model
+    from gti.data.dataset import load_dataset
+    from gti.tokens.extend import extend_model
 
     # the starting point of the run: the same base model, dataset, init and seed, rebuilt in-process
     init_model, _, new = extend_model(tiny_model_dir, load_dataset(tmp_path / "data", "toy", need_index=True), "mean", {}, None, 0)

@@ -10,13 +10,13 @@ import json
 import pytest
 from test_sids import clustered, make_dataset
 
-from gti.benchmark import BenchmarkConfig, check_same_sids
-from gti.config import DataConfig, FinetuneConfig, GroundConfig, SidsConfig, load_config
-from gti.data import dataset_file
-from gti.errors import ConfigError
-from gti.protocol import ProtocolConfig, commands, sid_problems
-from gti.setup import ensure_dataset
-from gti.sids import codevecs_path, quantizer_settings, run
+from gti.core.config import DataConfig, FinetuneConfig, GroundConfig, SidsConfig, load_config
+from gti.core.errors import ConfigError
+from gti.data.dataset import dataset_file
+from gti.experiments.benchmark import BenchmarkConfig, check_same_sids
+from gti.experiments.protocol import ProtocolConfig, commands, sid_problems
+from gti.indexing.build import codevecs_path, quantizer_settings, run
+from gti.indexing.ensure import ensure_dataset
 
 
 def sids(**kw) -> SidsConfig:
@@ -124,7 +124,7 @@ def test_benchmark_configs_ground_and_finetune_build_the_same_sids(path):
 
 @pytest.mark.parametrize("path", ["configs/gti-paper.yaml", "configs/lcrec-instruments.yaml", "configs/tiger-beauty.yaml"])
 def test_protocol_stages_build_the_sids_of_the_sids_step(path):
-    from gti.protocol import SCHEMAS
+    from gti.experiments.protocol import SCHEMAS
 
     steps = commands(load_config(ProtocolConfig, [path]))
     built = quantizer_settings(load_config(SidsConfig, dict(steps)["gti.sids"]))
@@ -135,13 +135,13 @@ def test_protocol_stages_build_the_sids_of_the_sids_step(path):
 
 
 def test_benchmark_and_protocol_name_disagreeing_sid_settings(tmp_path, monkeypatch):
-    import gti.benchmark
+    import gti.experiments.benchmark
 
-    monkeypatch.setattr(gti.benchmark, "run_cell", lambda *a: pytest.fail("a cell ran despite the mismatch"))
+    monkeypatch.setattr(gti.experiments.benchmark, "run_cell", lambda *a: pytest.fail("a cell ran despite the mismatch"))
     cfg = load_config(BenchmarkConfig, ["configs/benchmark-cpu.yaml", "finetune.sids.codes=64", "ground.data.root=elsewhere",
                                         f"output_dir={tmp_path}", "methods=[mean,gti-mean]"])  # fmt: skip
     with pytest.raises(ConfigError) as e:
-        gti.benchmark.run(cfg)
+        gti.experiments.benchmark.run(cfg)
     assert "ground.sids.codes=32 vs finetune.sids.codes=64" in str(e.value)
     assert "ground.data.root=elsewhere vs finetune.data.root=data" in str(e.value)
     check_same_sids(load_config(BenchmarkConfig, ["configs/benchmark-cpu.yaml", "finetune.sids.codes=64", "methods=[mean]"]))

@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from gti.config import DataConfig, SidsConfig, load_config
-from gti.data import dataset_file, write_dataset
-from gti.errors import ConfigError, DataError
-from gti.quantize import analyze_index, dedup_level, repair_index, rq_kmeans, to_tokens, usage_report
-from gti.sids import codebooks_path, codevecs_path, main, run
+from gti.core.config import DataConfig, SidsConfig, load_config
+from gti.core.errors import ConfigError, DataError
+from gti.data.dataset import dataset_file, write_dataset
+from gti.indexing.build import codebooks_path, codevecs_path, run
+from gti.indexing.quantize import analyze_index, dedup_level, repair_index, rq_kmeans, to_tokens, usage_report
+from gti.sids import main
 
 GENRES = ["Comedy", "Drama", "Horror", "Sci-Fi", "Western"]
 
@@ -75,7 +76,7 @@ def test_usage_report_hand_computed():
 
 
 def test_rqvae_reconstruction_loss_falls():
-    from gti.rqvae import rq_vae
+    from gti.indexing.rqvae import rq_vae
 
     X = clustered(256, d=24)
     codes, books, history = rq_vae(X, 2, 8, code_dim=8, hidden=32, epochs=20, batch_size=64, lr=1e-2, progress=False)
@@ -193,7 +194,7 @@ def test_sids_configs_load():
 
 
 def test_backbone_embedding_is_padding_invariant(tiny_model_dir):
-    from gti.sids import embed_backbone
+    from gti.indexing.build import embed_backbone
 
     texts = ["Toy Story (1995). Animation", "Heat (1995). Action, Crime, Thriller and a much longer tail of words", "Up"]
     batched = embed_backbone(texts, tiny_model_dir, batch_size=3, max_length=32, progress=False)

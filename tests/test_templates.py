@@ -1,9 +1,9 @@
 import pytest
 
-from gti.errors import ConfigError
-from gti.rows import collate
-from gti.templates import GROUNDING_TEMPLATES, REC_TEMPLATES, PromptFormatter, render
-from gti.vocab import add_tokens
+from gti.core.errors import ConfigError
+from gti.tokens.vocab import add_tokens
+from gti.train.rows import collate
+from gti.train.templates import GROUNDING_TEMPLATES, REC_TEMPLATES, PromptFormatter, render
 
 FIELDS = {"title": "Toy Story (1995)", "description": "Animation, Comedy", "sid": "<a_1><b_0>", "history": "<a_0><b_1>"}
 
@@ -57,7 +57,7 @@ def test_collate_left_and_right(tokenizer):
 
 
 def test_history_loss_supervises_each_history_item_after_the_first(tokenizer):
-    from gti.recommender import supervise_history
+    from gti.train.recommender import supervise_history
 
     new = add_tokens(tokenizer, ["<a_0>", "<a_1>", "<b_0>", "<b_1>"], [["x"]] * 4)
     fmt = PromptFormatter(tokenizer)

@@ -12,8 +12,7 @@ import pytest
 import torch
 from fixtures import write_toy_dataset
 
-from gti.batching import EpochShuffleSampler, group_by_length, padded_share, padding_summary
-from gti.config import (
+from gti.core.config import (
     DataConfig,
     EvalConfig,
     FinetuneConfig,
@@ -23,6 +22,7 @@ from gti.config import (
     OptimConfig,
     TrainerConfig,
 )
+from gti.train.batching import EpochShuffleSampler, group_by_length, padded_share, padding_summary
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -49,11 +49,11 @@ class Dtypes(L.Callback):
 
 
 def add_callbacks(monkeypatch, *callbacks) -> None:
-    import gti.setup
+    import gti.train.trainer
 
-    real = gti.setup.make_trainer
+    real = gti.train.trainer.make_trainer
     monkeypatch.setattr(
-        gti.setup, "make_trainer", lambda t, run_dir, max_steps, cbs=None, **kw: real(t, run_dir, max_steps, [*(cbs or []), *callbacks], **kw)
+        gti.train.trainer, "make_trainer", lambda t, run_dir, max_steps, cbs=None, **kw: real(t, run_dir, max_steps, [*(cbs or []), *callbacks], **kw)
     )
 
 
@@ -128,10 +128,9 @@ def test_bf16_lora_finetune_trains_in_bf16_and_ranks_with_exact_weights(tmp_path
 
 def test_held_backbone_gives_the_autocast_loss(tokenizer):
     """Holding the frozen matrices in bf16 rounds them as autocast does; the residual stream stays fp32."""
-    from conftest import make_tiny_llama
-
-    from gti.overlay import FrozenBf16, install_overlay
-    from gti.setup import lean_lm_loss
+    from gti.testing import make_tiny_llama
+    from gti.tokens.overlay import FrozenBf16, install_overlay
+    from gti.train.step import lean_lm_loss
 
     model = make_tiny_llama(len(tokenizer) + 4)
     install_overlay(model, len(tokenizer), 4)
@@ -232,10 +231,9 @@ def test_ddp_stride_split_keeps_batches_grouped():
 
 # ----------------------------------------------------------------------------------------- compile
 def tiny_grounding(tokenizer):
-    from conftest import make_tiny_llama
-
-    from gti.grounding import GroundingModule
-    from gti.vocab import NewTokens
+    from gti.testing import make_tiny_llama
+    from gti.tokens.vocab import NewTokens
+    from gti.train.grounding import GroundingModule
 
     model = make_tiny_llama(len(tokenizer) + 4)
     new = NewTokens([f"<a_{i}>" for i in range(4)], len(tokenizer), [["x"]] * 4)
@@ -250,7 +248,7 @@ def tiny_grounding(tokenizer):
 @pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile (inductor) needs a C++ compiler")
 def test_compiled_grounding_step_gives_the_eager_loss(tokenizer):
-    from gti.setup import compile_training_forward, lean_lm_loss
+    from gti.train.step import compile_training_forward, lean_lm_loss
 
     module, batch = tiny_grounding(tokenizer)
     rows = module.model.get_input_embeddings().rows
@@ -265,7 +263,7 @@ def test_compiled_grounding_step_gives_the_eager_loss(tokenizer):
 
 def test_trainer_compile_wires_the_compiled_forward_into_the_step(tmp_path, tokenizer, monkeypatch):
     """setup("fit") compiles the decoder's forward and the training step calls it (torch.compile stubbed: fast)."""
-    import gti.setup
+    import gti.train.trainer
 
     calls = []
 
@@ -278,11 +276,11 @@ def test_trainer_compile_wires_the_compiled_forward_into_the_step(tmp_path, toke
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     threads = torch.get_num_threads()
-    monkeypatch.setattr(gti.setup, "_first_step_reported", False)
+    monkeypatch.setattr(gti.train.trainer, "_first_step_reported", False)
     module, batch = tiny_grounding(tokenizer)
     module.compile_step = True
     t = TrainerConfig(max_steps=2, accelerator="cpu", log_every_n_steps=1, threads=1, compile=True)
-    trainer = gti.setup.make_trainer(t, tmp_path, 2, enable_progress_bar=False)
+    trainer = gti.train.trainer.make_trainer(t, tmp_path, 2, enable_progress_bar=False)
     trainer.fit(module, torch.utils.data.DataLoader([batch] * 2, batch_size=None))
     assert len(calls) == 2 and calls[0].__self__ is module.model.get_decoder()
     assert torch.get_num_threads() == 1  # trainer.threads
@@ -293,20 +291,20 @@ def test_trainer_compile_wires_the_compiled_forward_into_the_step(tmp_path, toke
 def test_first_step_line_is_printed_once_per_process(tmp_path, tokenizer, monkeypatch, capsys):
     import re
 
-    import gti.setup
+    import gti.train.trainer
 
-    monkeypatch.setattr(gti.setup, "_first_step_reported", False)
+    monkeypatch.setattr(gti.train.trainer, "_first_step_reported", False)
     for _ in range(2):  # a second fit in the same process (gti.ground's unfreeze phase) prints nothing
         module, batch = tiny_grounding(tokenizer)
-        trainer = gti.setup.make_trainer(TrainerConfig(max_steps=1, accelerator="cpu"), tmp_path, 1, enable_progress_bar=False)
+        trainer = gti.train.trainer.make_trainer(TrainerConfig(max_steps=1, accelerator="cpu"), tmp_path, 1, enable_progress_bar=False)
         trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[gti] first training step")]
     assert len(lines) == 1 and re.fullmatch(r"\[gti\] first training step began after \d+\.\ds", lines[0]), lines
-    assert 0 < gti.setup.process_age() < 24 * 3600
+    assert 0 < gti.train.trainer.process_age() < 24 * 3600
 
 
 def test_num_nodes_reaches_the_trainer(tmp_path):
-    from gti.setup import make_trainer
+    from gti.train.trainer import make_trainer
 
     assert make_trainer(TrainerConfig(accelerator="cpu"), tmp_path, 1).num_nodes == 1
     trainer = make_trainer(TrainerConfig(accelerator="cpu", num_nodes=2), tmp_path, 1)
@@ -317,7 +315,7 @@ def test_progress_bar_reads_the_loss_only_at_logging_steps(tmp_path, tokenizer, 
     """The bar's metrics are .item() calls (a device sync on a GPU): every log_every_n_steps, not every step."""
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from gti.setup import make_trainer
+    from gti.train.trainer import make_trainer
 
     reads = []
     real = TQDMProgressBar.get_metrics

@@ -11,7 +11,7 @@ import pytest
 import torch
 from fixtures import spy_train_rows, write_toy_dataset
 
-from gti.config import (
+from gti.core.config import (
     DataConfig,
     FinetuneConfig,
     GroundConfig,
@@ -45,14 +45,14 @@ class CountBatches(L.Callback):
 
 def add_callbacks(monkeypatch, *callbacks) -> None:
     """Every Trainer the stages build gets these callbacks too (the stages import make_trainer at call time)."""
-    import gti.setup
+    import gti.train.trainer
 
-    real = gti.setup.make_trainer
+    real = gti.train.trainer.make_trainer
 
     def make_trainer(t, run_dir, max_steps, cbs=None, **kw):
         return real(t, run_dir, max_steps, [*(cbs or []), *callbacks], **kw)
 
-    monkeypatch.setattr(gti.setup, "make_trainer", make_trainer)
+    monkeypatch.setattr(gti.train.trainer, "make_trainer", make_trainer)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -69,8 +69,8 @@ def new_rows(run: Path) -> tuple[torch.Tensor, dict]:
 
 def init_new_rows(tmp_path, model_dir, tokens_file: str | None = None):
     """The new rows a run starts from (init=mean, seed 0), rebuilt in-process; also the model and tokens."""
-    from gti.data import load_dataset
-    from gti.setup import extend_model
+    from gti.data.dataset import load_dataset
+    from gti.tokens.extend import extend_model
 
     ds = load_dataset(tmp_path / "data", "toy", need_index=True)
     model, tokenizer, new = extend_model(model_dir, ds, "mean", {}, tokens_file, 0)
@@ -159,9 +159,9 @@ def test_ground_unfreeze_phase_trains_old_rows_and_reloads(tmp_path, tiny_model_
 
 # ----------------------------------------------------------------------------------------- multitask
 def test_finetune_multitask_trains_on_grounding_rows_too(tmp_path, tiny_model_dir, monkeypatch):
-    from gti.config import EvalConfig
+    from gti.core.config import EvalConfig
     from gti.finetune import run as finetune
-    from gti.templates import GROUNDING_TEMPLATES
+    from gti.train.templates import GROUNDING_TEMPLATES
 
     seen = spy_train_rows(monkeypatch)
     cfg = FinetuneConfig(
@@ -193,8 +193,8 @@ def test_ground_tokens_file_adds_grounds_and_saves_tokens(tmp_path, tiny_model_d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gti.ground import run
-    from gti.grounding import TOKEN_TEMPLATES
-    from gti.templates import PromptFormatter, render
+    from gti.train.grounding import TOKEN_TEMPLATES
+    from gti.train.templates import PromptFormatter, render
 
     extra = {
         "<genre_comedy>": "a funny film that makes people laugh",

@@ -12,14 +12,10 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gti.trie import (
-    SidTrie,
-    TrieLogitsProcessor,
-    beams_to_items,
-    constrained_beam_search,
-    constrained_beam_search_reference,
-    hf_constrained_beam_search,
-)
+from gti.rank.beam_reference import constrained_beam_search_reference
+from gti.rank.beam_search import constrained_beam_search
+from gti.rank.trie import SidTrie, beams_to_items
+from gti.testing import TrieLogitsProcessor, hf_constrained_beam_search
 
 EOS = 2
 

@@ -4,13 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from gti.config import FinetuneConfig
-from gti.data import Dataset, leave_one_out
-from gti.errors import ConfigError
-from gti.grounding import grounding_examples
-from gti.recommender import check_prompt_lengths, rec_prompt, train_rows
-from gti.templates import PromptFormatter
-from gti.vocab import add_tokens
+from gti.core.config import FinetuneConfig
+from gti.core.errors import ConfigError
+from gti.data.dataset import Dataset, leave_one_out
+from gti.tokens.vocab import add_tokens
+from gti.train.grounding import grounding_examples
+from gti.train.recommender import check_prompt_lengths, rec_prompt, train_rows
+from gti.train.templates import PromptFormatter
 
 SENTENCE = (
     "A retired lighthouse keeper returns to the island where he grew up and finds the town changed beyond recognition. "

@@ -1,0 +1,1 @@
+"""Why an initialisation works: spectra, effective rank, cosine maps and RSA of the new-token rows."""

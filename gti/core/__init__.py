@@ -1,0 +1,1 @@
+"""Foundations every layer uses: typed configs, user-facing errors, atomic writes, run folders, offline assets, CLI plumbing."""

@@ -1,0 +1,286 @@
+"""Typed stage configs: dataclass schemas + YAML + `key=value` overrides (OmegaConf, no Hydra).
+
+Every problem (unknown key, wrong type, missing required `???` value) is collected and reported in
+one `ConfigError` before any compute starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gti.core.errors import ConfigError
+
+T = TypeVar("T")
+
+
+# ----------------------------------------------------------------------------------------- shared
+@dataclass
+class DataConfig:
+    name: str = "ml-100k"  # dataset folder under `root` (prepared on demand for ml-100k / ml-1m)
+    root: str = "data"
+    max_history: int = 20  # history truncated to the last N items
+    max_items: int = 0  # >0: keep only users whose items are all among the first N item ids (whole users, demo)
+    max_users: int = 0  # >0: keep the first N users (demo / smoke runs)
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 1
+    max_steps: int = -1  # -1: run max_epochs
+    accelerator: str = "auto"  # cpu | gpu | auto
+    devices: int = 1
+    strategy: str = "auto"  # auto -> "ddp" when devices > 1 or num_nodes > 1; or ddp_spawn, fsdp, ...
+    # 32-true | bf16-mixed | bf16-true | ...; in bf16, a frozen backbone (grounding, LoRA) is held in bf16 during fit
+    # and its exact weights put back for ranking and saving (gti.tokens.overlay.FrozenBf16)
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 1.0
+    log_every_n_steps: int = 5
+    val_check_interval: float = 1.0  # validation during fit: a fraction of an epoch (<= 1) or every N batches (> 1)
+    num_workers: int = 0
+    checkpoint_every: int = 0  # >0: also write checkpoints/last.ckpt every N steps (resume=auto continues)
+    lean_step: bool = True  # LM head and loss at labelled positions only; false: the full-logits HF loss, for comparisons
+    # rows of similar length batched together (sorted within ~50 batches, batch order shuffled): less padding
+    group_by_length: bool = True
+    compile: bool = False  # torch.compile the training forward (the decoder's under lean_step); compiling costs minutes up front
+    num_nodes: int = 1  # machines for DDP, `devices` each (started by torchrun / SLURM on every node)
+    threads: int = 0  # >0: torch CPU threads per process, for several runs sharing one machine; 0: torch's default
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    batch_size: int = 16
+
+
+# ----------------------------------------------------------------------------------------- stages
+@dataclass
+class PrepareConfig:
+    dataset: str = "ml-100k"  # ml-100k | ml-1m | recbole | amazon2014 | amazon2018 | amazon2023 | p5 | minionerec | lcrec
+    source: str | None = None  # folder/file with the raw files; None -> packaged copy (MovieLens)
+    category: str | None = None  # Amazon category, e.g. Beauty
+    name: str | None = None  # output dataset name; None -> derived from dataset/category
+    root: str = "data"
+    kcore: int = 5
+    overwrite: bool = False
+
+
+@dataclass
+class SidsConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: str = "minilm"  # minilm | backbone (the LM's mean-pooled hidden states) | a local path
+    model: str = "smollm2-135m"  # backbone used when encoder=backbone
+    quantizer: str = "rqkmeans"  # rqkmeans | rqvae
+    levels: int = 3
+    codes: int = 32  # codes per level (paper: 4 x 256; small catalogues want fewer)
+    seed: int = 0
+    kmeans_iters: int = 50
+    kmeans_balanced: bool = True  # Sinkhorn-balanced cluster sizes (fewer SID collisions); false: plain Lloyd
+    embed_batch_size: int = 64  # texts per encoder batch
+    embed_max_length: int = 128  # encoder=backbone: tokens kept per item text
+    rqvae_code_dim: int = 32
+    rqvae_hidden: int = 256
+    rqvae_epochs: int = 100
+    rqvae_lr: float = 1e-3
+    rqvae_batch_size: int = 256
+    rqvae_beta: float = 0.25  # commitment weight
+    rqvae_balance: float = 0.1  # balanced-usage regulariser weight
+    rqvae_accelerator: str = "cpu"  # cpu | gpu | auto (the RQ-VAE is small: CPU is the default)
+    import_index: str | None = None  # an existing NAME.index.json to validate / repair
+    repair: bool = True  # imported index with collisions: append the dedup level (else error)
+    force: bool = False  # rebuild even when inputs are unchanged
+
+
+@dataclass
+class GroundStageConfig:
+    templates: list[str] = field(
+        default_factory=lambda: ["title2sid", "desc2sid", "both2sid", "sid2title", "sid2desc", "sid2both"]
+    )
+    unfreeze_steps: int = 0  # optional second phase: unfreeze everything for N steps (paper §4.1)
+    unfreeze_lr: float = 1e-5
+
+
+@dataclass
+class GroundConfig:
+    model: str = "smollm2-135m"
+    data: DataConfig = field(default_factory=DataConfig)
+    sids: SidsConfig = field(default_factory=SidsConfig)
+    tokens_file: str | None = None  # tokens.jsonl of {"token", "description"} to add and ground
+    init: str = "mean"  # starting point for grounding: zero | random | mean | mean_cov | subword | description | ...
+    init_options: dict[str, Any] = field(default_factory=dict)
+    ground: GroundStageConfig = field(default_factory=GroundStageConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=10))
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=100))  # CPU demo scale
+    max_length: int = 64
+    output_dir: str = "runs/ground"
+    seed: int = 0
+    resume: str = "never"  # never | auto
+    diagnostics: bool = True  # spectra, effective rank, cosine maps and RSA of the new rows before and after grounding
+
+
+EVAL_PRECISIONS = ("fp32", "bf16")  # EvalConfig.precision
+
+
+@dataclass
+class EvalConfig:
+    num_beams: int = 20
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
+    batch_size: int = 16
+    max_users: int = 0  # >0: evaluate the first N users only (CPU demos)
+    valid: bool = True  # false: skip the validation split (test only; e.g. benchmark cells)
+    # ranking arithmetic, whatever trainer.precision is: fp32 (default; bf16 logits reorder close beams,
+    # design.md §10) | bf16 (bf16 autocast: faster on GPUs, approximate ranks). Recorded in metrics.json.
+    precision: str = "fp32"
+
+
+@dataclass
+class LoraConfig:
+    # enabled: LoRA on q/k/v/o/gate/up/down_proj, plus the new SID rows of embedding and head trained
+    # through the grounding overlay (one table when tied, so the model stays tied); old rows and
+    # everything else frozen. Not peft modules_to_save, which unties a tied model (design.md §10).
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+
+
+@dataclass
+class FinetuneConfig:
+    init_from: str | None = None  # a gti.ground run folder; None -> extend `model` with `init`
+    model: str = "smollm2-135m"
+    data: DataConfig = field(default_factory=DataConfig)
+    sids: SidsConfig = field(default_factory=SidsConfig)
+    init: str = "mean"
+    init_options: dict[str, Any] = field(default_factory=dict)
+    templates: list[int] = field(default_factory=lambda: [0, 1, 2])  # the paper's three rec templates
+    multitask: bool = False  # mix in the text<->SID grounding tasks (LC-Rec multi-task baseline)
+    train_per_user: int = 0  # >0: keep only each user's last N training prefixes (CPU-scale runs)
+    history_loss: bool = False  # also supervise each history SID from the items before it (see recommender.py)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, weight_decay=0.01, batch_size=8))
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    max_length: int = 128
+    output_dir: str = "runs/finetune"
+    seed: int = 0
+    resume: str = "never"
+
+
+# ----------------------------------------------------------------------------------------- loading
+def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(d, dict) and d:
+        out = []
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            # dict-typed fields (init_options) take a whole dict: only descend into sub-configs
+            out.extend(_flatten(v, key) if isinstance(v, dict) and not key.endswith("_options") else [(key, v)])
+        return out
+    return [(prefix, d)]
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"expected key=value, got '{item}'")
+    key, raw = item.split("=", 1)
+    parsed = OmegaConf.from_dotlist([f"x={raw}"]).x if raw != "" else ""
+    return key.strip(), parsed
+
+
+def load_config(schema: type[T], argv: list[str] | None = None, yaml_path: str | None = None) -> T:
+    """Schema defaults <- YAML file <- `key=value` overrides; validated all at once."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].count("=") and argv[0].endswith((".yaml", ".yml")):
+        yaml_path = argv.pop(0)
+    problems: list[str] = []
+    cfg: DictConfig = OmegaConf.structured(schema)
+    pairs: list[tuple[str, Any, str]] = []
+    if yaml_path is not None:
+        if not Path(yaml_path).is_file():
+            raise ConfigError(f"config file not found: {yaml_path}")
+        try:
+            loaded = OmegaConf.to_container(OmegaConf.load(yaml_path)) or {}
+        except Exception as e:  # yaml syntax errors carry the line
+            raise ConfigError(f"{yaml_path}: cannot parse YAML: {e}") from None
+        pairs += [(k, v, yaml_path) for k, v in _flatten(loaded)]
+    for item in argv:
+        try:
+            k, v = _parse_override(item)
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        pairs.append((k, v, "command line"))
+    for key, value, origin in pairs:
+        try:
+            # merging one key at a time lets us collect every bad key instead of the first
+            OmegaConf.update(cfg, key, value, merge=True, force_add=False)
+        except OmegaConfBaseException as e:
+            msg = str(e).splitlines()[0]
+            if "Key" in msg and "not in" in msg or "Could not" in msg and "not" in msg:
+                problems.append(f"unknown key '{key}' ({origin})" + _suggest(schema, key))
+            else:
+                problems.append(f"bad value for '{key}' ({origin}): {value!r}: {msg}")
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    problems += [f"missing required value '{k}'" for k in missing]
+    if problems:
+        raise ConfigError.listing(problems)
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def _suggest(schema: type, key: str) -> str:
+    import difflib
+
+    known = [k for k, _ in _flatten(OmegaConf.to_container(OmegaConf.structured(schema)))]
+    close = difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+__all__ = [
+    "MISSING",
+    "DataConfig",
+    "TrainerConfig",
+    "OptimConfig",
+    "PrepareConfig",
+    "SidsConfig",
+    "GroundConfig",
+    "FinetuneConfig",
+    "EvalConfig",
+    "load_config",
+    "to_dict",
+    "to_yaml",
+    "eval_problems",
+]
+
+
+def eval_problems(ev: EvalConfig) -> list[str]:
+    """What is wrong with the eval section, checked before any compute (also by gti.benchmark / gti.protocol)."""
+    problems = []
+    if ev.num_beams < 1:
+        problems.append(f"eval.num_beams={ev.num_beams}: must be >= 1")
+    if not ev.ks or min(ev.ks) < 1:
+        problems.append(f"eval.ks={list(ev.ks)}: needs one or more cut-offs >= 1")
+    elif max(ev.ks) > ev.num_beams:
+        k = max(ev.ks)
+        problems.append(
+            f"eval.ks: K={k} exceeds eval.num_beams={ev.num_beams}; beam search returns at most num_beams "
+            f"items, so Recall@{k} would be capped; raise eval.num_beams to >= {k}"
+        )
+    if ev.precision not in EVAL_PRECISIONS:
+        problems.append(f"eval.precision={ev.precision!r}: choose one of {', '.join(EVAL_PRECISIONS)}")
+    return problems

@@ -1,0 +1,158 @@
+"""Run folders: built under `<out>.partial/`, renamed when complete, described by `gti.json`."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from gti.core.config import to_dict, to_yaml
+from gti.core.errors import ConfigError
+from gti.core.io import atomic_write_text, file_sha256, write_json
+from gti.core.log import global_rank
+
+if TYPE_CHECKING:  # annotations only: run folders sit below the layers that define these
+    from gti.data.dataset import Dataset
+    from gti.tokens.vocab import NewTokens
+
+SCHEMA_VERSION = 1
+
+
+def versions() -> dict:
+    import lightning
+    import transformers
+
+    return {
+        "gti": __import__("gti").__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lightning": lightning.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def peak_memory_mb() -> dict:
+    import resource
+
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return out
+
+
+def run_metadata(stage: str, cfg, ds: Dataset, new: NewTokens, **extra) -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "stage": stage,
+        "base_model": cfg.model,
+        "dataset": {"name": ds.name, "root": str(ds.root), "inter_sha256": file_sha256(ds.path("inter"))},
+        "sid_index": {"path": str(ds.path("index")), "sha256": file_sha256(ds.path("index"))},
+        "new_tokens": {"start": new.start, "count": len(new), "tokens": new.tokens},
+        "init": cfg.init,
+        "seed": cfg.seed,
+        "versions": versions(),
+        "config": to_dict(cfg),
+        "cost": peak_memory_mb(),
+        **extra,
+    }
+
+
+@dataclass
+class RunDir:
+    """A run is built in `<out>.partial/` and renamed to `<out>/` once complete.
+
+    A killed run therefore never leaves a folder that looks finished, and `resume=auto` finds its
+    checkpoints in the `.partial` folder.
+    """
+
+    final: Path
+
+    @property
+    def work(self) -> Path:
+        return self.final.with_name(self.final.name + ".partial")
+
+    def start(self, resume: str, cfg) -> Path:
+        if resume not in ("never", "auto"):
+            raise ConfigError(f"resume must be 'never' or 'auto', got {resume!r}")
+        if global_rank() != 0:  # rank 0 owns the folder; other DDP ranks only read it
+            return self.work
+        if resume == "never" and self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.work / "config.yaml", to_yaml(cfg))
+        return self.work
+
+    def last_checkpoint(self, resume: str) -> str | None:
+        last = self.work / "checkpoints" / "last.ckpt"
+        return str(last) if resume == "auto" and last.is_file() else None
+
+    def finish(self) -> Path:
+        if self.final.exists():
+            old = self.final.with_name(self.final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.final, old)
+            shutil.rmtree(old)
+        shutil.rmtree(self.work / "checkpoints", ignore_errors=True)  # big; the model/ folder is the result
+        os.replace(self.work, self.final)
+        return self.final
+
+
+def save_hf(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def write_metadata(folder: Path, meta: dict) -> None:
+    write_json(folder / "gti.json", meta)
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run folder as its `gti.json` describes it (see `run_metadata` for what is written)."""
+
+    folder: Path
+    meta: dict
+
+    @property
+    def stage(self) -> str:
+        return self.meta.get("stage", "")
+
+    @property
+    def model_dir(self) -> Path:
+        return self.folder / "model"
+
+    @property
+    def dataset(self) -> tuple[str, str]:
+        """(root, name) of the dataset the run used."""
+        return self.meta["dataset"]["root"], self.meta["dataset"]["name"]
+
+    @property
+    def new_tokens(self) -> tuple[int, list[str]]:
+        """(first new token id, the new tokens in id order)."""
+        return self.meta["new_tokens"]["start"], list(self.meta["new_tokens"]["tokens"])
+
+
+def read_run(folder: str | Path, stage: str | None = None, what: str = "run folder") -> Run:
+    """`folder`'s gti.json, checked: present, readable, of `stage` when one is asked for, with a model/ folder.
+    `what` names the folder in errors the way the user gave it (e.g. "init_from=runs/ground")."""
+    folder = Path(folder)
+    meta_path = folder / "gti.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"{what} {folder}: not a gti run folder (no gti.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{meta_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if stage is not None and meta.get("stage") != stage:
+        raise ConfigError(f"{what} {folder}: gti.json says stage={meta.get('stage')!r}, expected {stage!r}")
+    if not (folder / "model" / "config.json").is_file():
+        raise ConfigError(f"{what} {folder}: no model/ folder with config.json")
+    return Run(folder, meta)

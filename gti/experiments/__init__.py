@@ -1,0 +1,1 @@
+"""Experiments: the benchmark matrix of initialisations and the published-protocol presets."""

@@ -1,0 +1,33 @@
+"""A dataset with its SID index, prepared and built on demand for the packaged MovieLens sets."""
+
+from __future__ import annotations
+
+from gti.core.config import DataConfig, SidsConfig
+from gti.core.errors import ConfigError
+from gti.data.dataset import Dataset, dataset_file, load_dataset
+from gti.data.slices import subset
+
+PACKAGED = ("ml-100k", "ml-1m")
+
+
+def ensure_dataset(data: DataConfig, sids: SidsConfig) -> Dataset:
+    """Load data/NAME with its SID index; prepare MovieLens and build a missing index on demand.
+    An existing index built with other settings than `sids` is a ConfigError (only sids.force=true rebuilds)."""
+    if not dataset_file(data.root, data.name, "inter").is_file():
+        if data.name not in PACKAGED:
+            raise ConfigError(
+                f"data.name={data.name}: {dataset_file(data.root, data.name, 'inter')} not found; "
+                f"run `python -m gti.prepare` for it first"
+            )
+        from gti.core.config import PrepareConfig
+        from gti.data.convert import run as prepare
+
+        prepare(PrepareConfig(dataset=data.name, root=data.root))
+    from gti.indexing.build import run as build_sids
+
+    sids.data = data
+    # builds a missing index; an existing one is used only when it matches `sids` (or was imported,
+    # or has no report): a stage never replaces an index that finished runs depend on (design.md §10)
+    build_sids(sids, stage=True)
+    ds = load_dataset(data.root, data.name, need_index=True)
+    return subset(ds, data.max_users, data.max_items)

@@ -1,0 +1,1 @@
+"""Ranking: the trie of valid SIDs, constrained beam search, Recall/NDCG."""

@@ -1,0 +1,187 @@
+"""Stage-2 pieces: the recommender LightningModule, prompts, evaluation batches (design.md §7)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import lightning as L
+import torch
+
+from gti.core.config import EVAL_PRECISIONS, FinetuneConfig
+from gti.core.errors import ConfigError
+from gti.data.dataset import Dataset, Example
+from gti.rank.beam_search import constrained_beam_search
+from gti.rank.metrics import RankingMetrics, rank_of
+from gti.rank.trie import SidTrie, beams_to_items
+from gti.tokens.overlay import FrozenBf16
+from gti.tokens.vocab import NewTokens
+from gti.train.step import lm_training_step, start_fit
+from gti.train.templates import Encoded, PromptFormatter, render_rec
+from gti.train.trainer import adamw_with_warmup
+
+
+@contextlib.contextmanager
+def ranking_precision(model, precision: str):
+    """Run the ranking forwards in `precision`, whatever trainer.precision set up (design.md §10).
+
+    Lightning runs validation_step / test_step under the training precision: bf16 autocast (bf16-mixed),
+    or bf16 weights with bf16 as torch's default dtype (bf16-true). bf16 logits move an SID's score by
+    0.3-0.5 nats while neighbouring beams are 0.04-0.19 apart, so ranks then depend on the training
+    precision. "fp32" turns autocast off and upcasts low-precision weights for the search (exact; twice
+    their memory meanwhile), casting them back after; "bf16" autocasts to bf16 on every run alike.
+    """
+    if precision not in EVAL_PRECISIONS:
+        raise ConfigError(f"eval.precision={precision!r}: choose one of {', '.join(EVAL_PRECISIONS)}")
+    # parameters and float buffers (rotary frequencies), each with its own dtype: LoRA / overlay tables stay fp32
+    params = dict(model.named_parameters()) | {f"buffer {n}": b for n, b in model.named_buffers() if b.is_floating_point()}
+    dtypes = {n: p.dtype for n, p in params.items()}
+    device, default = next(iter(params.values())).device.type, torch.get_default_dtype()
+    upcast = precision == "fp32" and any(d != torch.float32 for d in dtypes.values())
+    torch.set_default_dtype(torch.float32)  # beam scores are summed in tensors of the default dtype
+    try:
+        if upcast:
+            _cast(params, dict.fromkeys(params, torch.float32))
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        if upcast:
+            _cast(params, dtypes)
+        torch.set_default_dtype(default)
+
+
+def _cast(params: dict, dtypes: dict) -> None:
+    # outside inference mode: Lightning ranks inside it, and a parameter cast there would become an inference
+    # tensor that later training steps and merges cannot update in place
+    with torch.inference_mode(False), torch.no_grad():
+        for name, p in params.items():
+            p.data = p.data.to(dtypes[name])
+
+
+class RecommenderModule(L.LightningModule):
+    def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig, sampler=None):
+        super().__init__()
+        self.model, self.tokenizer, self.trie, self.cfg, self.sampler = model, tokenizer, trie, cfg, sampler
+        self.lean_step, self.compile_step = cfg.trainer.lean_step, cfg.trainer.compile  # see lm_training_step, start_fit
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
+        ks = tuple(cfg.eval.ks)
+        self.val_metrics, self.test_metrics = RankingMetrics(ks), RankingMetrics(ks)
+        self.predictions: list[dict] = []
+        self.frozen_bf16 = FrozenBf16(model)  # LoRA in bf16: the frozen LM held in bf16 while it trains
+
+    def setup(self, stage):
+        if stage == "fit":
+            start_fit(self)
+
+    # ranking and saving see the exact frozen weights (bf16-true converts the module again at validate/test)
+    def on_validation_start(self):
+        self.frozen_bf16.exact()
+
+    def on_validation_end(self):
+        if self.trainer.state.fn == "fit":  # back to training
+            self.frozen_bf16.hold(self.trainer.precision)
+
+    def on_test_start(self):
+        self.frozen_bf16.exact()
+
+    def on_fit_end(self):
+        self.frozen_bf16.exact()
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.sampler is not None:  # mid-epoch resume: continue with the batches not yet seen
+            self.sampler.resume_after(checkpoint)
+
+    def training_step(self, batch, batch_idx):
+        return lm_training_step(self, batch)
+
+    def _rank(self, batch) -> tuple[list[list[int]], torch.Tensor]:
+        with ranking_precision(self.model, self.cfg.eval.precision):  # not the training precision's autocast
+            beams = constrained_beam_search(
+                self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.trie,
+                num_beams=self.cfg.eval.num_beams, num_return=self.cfg.eval.num_beams,
+            )  # fmt: skip
+        items = beams_to_items(beams, self.trie)
+        ranks = torch.tensor([rank_of(int(t), its) for t, its in zip(batch["target"], items)], device=self.device)
+        return items, ranks
+
+    def validation_step(self, batch, batch_idx):
+        _, ranks = self._rank(batch)
+        self.val_metrics.update(batch["index"], ranks)
+
+    def on_validation_epoch_end(self):
+        for k, v in self.val_metrics.compute().items():
+            self.log(f"val/{k}", float(v), sync_dist=True)  # already synced: every rank holds the same value
+        self.val_metrics.reset()
+
+    def test_step(self, batch, batch_idx):
+        items, ranks = self._rank(batch)
+        self.test_metrics.update(batch["index"], ranks)
+        k = max(self.cfg.eval.ks)
+        for i, u, t, its, r in zip(batch["index"].tolist(), batch["user"].tolist(), batch["target"].tolist(), items, ranks.tolist()):
+            self.predictions.append({"index": i, "user": u, "target": t, "rank": r, "items": its[:k]})
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        return adamw_with_warmup(self.model.parameters(), o.lr, o.weight_decay, o.warmup_steps)
+
+
+# ----------------------------------------------------------------------------------------- data
+def rec_prompt(ds: Dataset, ex: Example, template: int) -> tuple[str, str]:
+    return render_rec(ds.index, ex.history, ex.target, template)
+
+
+def supervise_history(enc: Encoded, first_item_len: int, new_start: int) -> Encoded:
+    """Label every history SID token after the first item's: each history item becomes a target given
+    the items before it. One row then teaches len(history) next-item steps for the price of one."""
+    labels, seen = list(enc.labels), 0
+    for j, t in enumerate(enc.input_ids):
+        if labels[j] == -100 and t >= new_start:
+            seen += 1
+            if seen > first_item_len:
+                labels[j] = t
+    return Encoded(enc.input_ids, labels)
+
+
+def train_rows(ds: Dataset, train: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig, new: NewTokens) -> list:
+    # the reference for gti.train.rows.rec_train_rows (what the stages use: the same rows composed and cached),
+    # every row tokenised from its text. The paper's three phrasings, one per example in turn; rec rows have no free text to shorten, so
+    # a history too long is an error named here, before encode() would raise on it
+    if train:
+        check_prompt_lengths(ds, train, fmt, cfg)
+    rows = [fmt.encode(*rec_prompt(ds, ex, cfg.templates[ex.index % len(cfg.templates)]), cfg.max_length) for ex in train]
+    if cfg.history_loss:
+        rows = [supervise_history(r, len(ds.index[ex.history[0]]), new.start) for r, ex in zip(rows, train)]
+    if cfg.multitask:  # LC-Rec multi-task baseline: also learn text <-> SID
+        from gti.train.grounding import grounding_examples
+        from gti.train.templates import GROUNDING_TEMPLATES
+
+        rows += grounding_examples(ds, new, fmt, list(GROUNDING_TEMPLATES), cfg.max_length, stage="gti.finetune")
+    return rows
+
+
+def check_prompt_lengths(ds: Dataset, examples: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig) -> None:
+    """Histories (after max_history) must fit the context under every configured template (training
+    uses them all, one per example): fail clearly instead of cutting prompts."""
+    longest = max(examples, key=lambda ex: sum(len(ds.index[i]) + 1 for i in ex.history))  # SID tokens + separators
+    target = max(len(s) for s in ds.index.values()) + 1  # the longest SID + EOS
+    n, t = max((len(fmt.prompt_ids(rec_prompt(ds, longest, t)[0])) + target, t) for t in cfg.templates)
+    if n > cfg.max_length:
+        raise ConfigError(
+            f"max_length={cfg.max_length} is too short: user {longest.user}'s history of {len(longest.history)} items "
+            f"needs {n} tokens with rec template {t}; raise max_length to at least {n} "
+            f"or lower data.max_history={cfg.data.max_history}"
+        )
+
+
+def gather_predictions(local: list[dict]) -> list[dict]:
+    """All ranks' predictions, each example once (the DDP sampler pads with repeats)."""
+    rows = local
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, local)
+        rows = [r for p in parts for r in p]
+    seen, out = set(), []
+    for r in rows:
+        if r["index"] not in seen:
+            seen.add(r["index"])
+            out.append(r)
+    return out

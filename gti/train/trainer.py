@@ -1,0 +1,119 @@
+"""The Trainer both stages build, its optimiser and schedule, thread and FSDP settings, the first-step report."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from gti import STARTED
+from gti.core.config import TrainerConfig
+from gti.train.step import stop_if_diverged
+
+
+def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int) -> dict:
+    """AdamW + linear warm-up, in Lightning's `configure_optimizers` format (stepped per batch)."""
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    warm = max(warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def set_threads(t: TrainerConfig) -> None:
+    """trainer.threads > 0: torch's CPU threads for this process (several runs sharing one machine, design.md §10)."""
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+
+
+def process_age() -> float:
+    """Seconds since this process started: its start time in /proc/self/stat (field 22, clock ticks since boot)
+    against /proc/uptime; without /proc, since `gti` was imported."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])  # fields 3.. after "pid (comm)"
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - STARTED
+
+
+_first_step_reported = False
+
+
+def report_first_step(trainer) -> None:
+    """One line per process at its first training batch: start-up cost (imports, data, model, compile set-up).
+    scripts/ benchmarks parse this exact line."""
+    global _first_step_reported
+    if not _first_step_reported and trainer.is_global_zero:
+        _first_step_reported = True
+        print(f"[gti] first training step began after {process_age():.1f}s", flush=True)
+
+
+def unshard(trainer, module) -> None:
+    """After fit under FSDP each parameter is this rank's 1-D slice of a flat shard (use_orig_params): give every
+    rank the full tensors back, so merging, diagnostics and saving see the plain model."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wrapped = trainer.strategy.model
+    if not isinstance(wrapped, FSDP):
+        return
+    with FSDP.summon_full_params(wrapped, writeback=False):
+        full = {id(p): p.detach().clone() for p in module.parameters()}  # shapes as built: (V, d), (n, d), ...
+    for p in module.parameters():
+        p.data = full[id(p)]
+
+
+def clip_gradients(module, optimizer, clip_val, algorithm) -> None:
+    """Lightning's FSDP precision refuses norm clipping; FSDP's own clip_grad_norm_ takes the norm over all shards."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    wrapped = module.trainer.strategy.model
+    if clip_val and isinstance(wrapped, FSDP) and algorithm in (None, "norm"):
+        wrapped.clip_grad_norm_(clip_val)
+    else:
+        module.clip_gradients(optimizer, clip_val, algorithm)
+
+
+def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: list | None = None, **kw):
+    import lightning as L
+    from lightning.pytorch.callbacks import LambdaCallback, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    set_threads(t)
+    strategy = t.strategy
+    if strategy == "auto" and (t.devices > 1 or t.num_nodes > 1):
+        strategy = "ddp"  # multi-GPU is one line (style.md §11)
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=t.checkpoint_every or None)
+    # validation during fit: a fraction of each epoch, or every N training batches counted across epochs
+    every_n = t.val_check_interval > 1
+    val = dict(val_check_interval=int(t.val_check_interval), check_val_every_n_epoch=None) if every_n else dict(val_check_interval=t.val_check_interval)
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        precision=t.precision,
+        max_epochs=t.max_epochs if max_steps < 0 else None,
+        max_steps=max_steps,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val or None,
+        log_every_n_steps=t.log_every_n_steps,
+        logger=CSVLogger(run_dir, name="logs"),  # logs/version_N: a resumed run keeps the earlier logs
+        # no checkpoint holds weights trained on a NaN/inf loss (the step checks only at logging steps)
+        callbacks=[
+            ckpt,
+            LambdaCallback(on_save_checkpoint=lambda _t, module, _c: stop_if_diverged(module)),
+            LambdaCallback(on_train_batch_start=lambda trainer, *_: report_first_step(trainer)),
+            # the bar reads the logged loss with .item(), a device sync: every log_every_n_steps, not every step
+            *([TQDMProgressBar(refresh_rate=max(t.log_every_n_steps, 1))] if kw.get("enable_progress_bar", True) else []),
+            *(callbacks or []),
+        ],
+        default_root_dir=run_dir,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **val,
+        **kw,
+    )
+
+
