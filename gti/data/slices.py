@@ -2,22 +2,8 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
-import copy
-import os
-import platform
-import shutil
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
-import torch
-from gti import STARTED
-from gti.core.config import DataConfig, SidsConfig, TrainerConfig, to_dict, to_yaml
-from gti.data.dataset import Dataset, dataset_file, item_text, load_dataset
 from gti.core.errors import ConfigError
-from gti.core.io import atomic_write_text, file_sha256, write_json
-from gti.tokens.vocab import NewTokens, add_tokens, read_tokens_file, resize, set_rows, sid_descriptions, sid_tokens
+from gti.data.dataset import Dataset, item_text
 
 
 def subset(ds: Dataset, max_users: int, max_items: int) -> Dataset:
