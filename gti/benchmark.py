@@ -1,4 +1,4 @@
-"""`python -m gti.benchmark [config.yaml] [key=value ...]` — GTI vs every init baseline, over seeds.
+"""`python -m gti.benchmark [config.yaml] [key=value ...]` — GTI against every init baseline, over seeds.
 
 Each cell (method x seed) runs stage 1 (when the method grounds) and stage 2 in subprocesses
 through the same `gti.ground` / `gti.finetune` code, from a YAML written into the cell folder.
@@ -16,8 +16,9 @@ from gti.experiments.benchmark import BenchmarkConfig, run
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.core.cli import guarded
+    from gti.core.cli import exit_on_help, guarded
 
+    exit_on_help(argv, __doc__, BenchmarkConfig)
     cfg = guarded(lambda: load_config(BenchmarkConfig, argv))
     guarded(lambda: run(cfg))
 

@@ -1,7 +1,9 @@
-"""`python -m gti.diagnose RUN_DIR` — geometry of the new-token rows of any checkpoint (design.md §8).
+"""`python -m gti.diagnose RUN_DIR` — geometry of the new-token rows of any checkpoint.
 
-Also called by the stages: after initialisation and at the end of grounding / fine-tuning.
-Writes diagnostics_<tag>.json, spectrum_<tag>.png and cosine_<tag>.png into the folder.
+RUN_DIR is a gti.ground or gti.finetune output folder. Spectrum, effective rank, cosine maps and RSA
+against the SID codebook vectors when the dataset's codebooks are on disk (docs/evaluation.md); the
+JSON summary is printed. Also called by the stages: after initialisation and at the end of
+grounding / fine-tuning. Writes diagnostics_<tag>.json, spectrum_<tag>.png and cosine_<tag>.png into the folder.
 """
 
 from __future__ import annotations
@@ -15,29 +17,26 @@ from gti.tokens.vocab import NewTokens
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from gti.core.cli import guarded
-    from gti.core.errors import ConfigError
+    from gti.core.cli import exit_on_help, guarded
+    from gti.core.runs import read_run
     from gti.data.dataset import load_dataset
 
     argv = sys.argv[1:] if argv is None else argv
+    exit_on_help(argv, __doc__)
     if len(argv) != 1:
         raise SystemExit("usage: python -m gti.diagnose RUN_DIR")
-    run = Path(argv[0])
-    meta_path = run / "gti.json"
 
     def go():
-        if not meta_path.is_file():
-            raise ConfigError(f"{run}: not a gti run folder (no gti.json)")
-        meta = json.loads(meta_path.read_text())
-        tok = AutoTokenizer.from_pretrained(run / "model")
-        model = AutoModelForCausalLM.from_pretrained(run / "model")
-        nt = meta["new_tokens"]
-        new = NewTokens(nt["tokens"], nt["start"], [[] for _ in nt["tokens"]])
-        d = meta["dataset"]
-        ds = load_dataset(d["root"], d["name"], need_index=False) if Path(d["root"], d["name"]).is_dir() else None
-        out = public(diagnose_rows(model, tok, new, ds, run, "checkpoint"))
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        run = read_run(argv[0], what="RUN_DIR")
+        tok = AutoTokenizer.from_pretrained(run.model_dir)
+        model = AutoModelForCausalLM.from_pretrained(run.model_dir)
+        start, tokens = run.new_tokens
+        new = NewTokens(tokens, start, [[] for _ in tokens])
+        root, name = run.dataset
+        ds = load_dataset(root, name, need_index=False) if Path(root, name).is_dir() else None
+        out = public(diagnose_rows(model, tok, new, ds, run.folder, "checkpoint"))
         print(json.dumps(out, indent=2))
 
     guarded(go)

@@ -1,7 +1,7 @@
-"""Stage 1 `python -m gti.ground [config.yaml] [key=value ...]` — GTI grounding (arXiv 2604.02324 §3).
+"""`python -m gti.ground [config.yaml] [key=value ...]` — stage 1, GTI grounding of the new SID tokens.
 
-Freeze the whole LM; train only the new token rows with next-token loss on paired text in both
-directions (item text -> SID, SID -> item text). Writes a self-describing run folder:
+GTI (arXiv 2604.02324 §3): freeze the whole LM; train only the new token rows with next-token loss on
+paired text in both directions (item text -> SID, SID -> item text). Writes a self-describing run folder:
   model/ (plain HF model + tokenizer)  gti.json  config.yaml  diagnostics*.json + PNGs  logs/
 The config is parsed and checked before torch / lightning are imported, so mistakes fail fast.
 """
@@ -9,7 +9,6 @@ The config is parsed and checked before torch / lightning are imported, so mista
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from gti.core.config import GroundConfig, load_config, to_yaml
@@ -33,75 +32,66 @@ def validate(cfg: GroundConfig) -> None:
 
 
 def run(cfg: GroundConfig) -> Path:
-    import lightning as L
     import torch
 
     from gti.analysis.report import diagnose_rows, public
-    from gti.core.runs import RunDir, global_rank, run_metadata, save_hf, write_metadata
+    from gti.core.runs import global_rank, run_metadata
     from gti.indexing.ensure import ensure_dataset
     from gti.tokens.extend import extend_model
     from gti.tokens.overlay import merge_overlay, overlay_rows
-    from gti.train.batching import training_loader
+    from gti.train import trainer as trainers
     from gti.train.grounding import GroundingModule
     from gti.train.rows import grounding_rows
+    from gti.train.stage import Stage
     from gti.train.templates import PromptFormatter
-    from gti.train.trainer import make_trainer, set_threads, unshard
 
     validate(cfg)
-    set_threads(cfg.trainer)  # before any work: row building and model loading use the threads too
-    L.seed_everything(cfg.seed, workers=True)
-    run_dir = RunDir(Path(cfg.output_dir))
-    work = run_dir.start(cfg.resume, cfg)
-    t0 = time.time()
+    stage = Stage("ground", cfg)
+    work = stage.start()
 
     # setup: data (+ SIDs) on demand, extended model with the chosen starting point
     ds = ensure_dataset(cfg.data, cfg.sids)
     model, tokenizer, new = extend_model(cfg.model, ds, cfg.init, cfg.init_options, cfg.tokens_file, cfg.seed)
     fmt = PromptFormatter(tokenizer)
-    rows = grounding_rows(ds, new, fmt, cfg.ground.templates, cfg.max_length, "gti.ground")  # cached (gti/rows.py)
-    loader, sampler, padding = training_loader(rows, tokenizer.pad_token_id, cfg.seed, cfg.optim.batch_size, cfg.trainer)
+    rows = grounding_rows(ds, new, fmt, cfg.ground.templates, cfg.max_length, "gti.ground")  # cached (gti.train.rows)
+    loader, padding = stage.training_loader(rows, tokenizer.pad_token_id)
     old_rows = model.get_input_embeddings().weight.detach()[: new.start].clone()
     diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init") if cfg.diagnostics and global_rank() == 0 else {}
     o = cfg.optim
     fast = dict(lean_step=cfg.trainer.lean_step, compile_step=cfg.trainer.compile)  # trainer.lean_step / trainer.compile
-    module = GroundingModule(model, new, o.lr, o.weight_decay, o.warmup_steps, sampler=sampler, **fast)
+    module = GroundingModule(model, new, o.lr, o.weight_decay, o.warmup_steps, **fast)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
-    max_steps = cfg.trainer.max_steps
-    print(
-        f"[gti.ground] {len(new)} new tokens (ids {new.start}..{new.start + len(new) - 1}), init={cfg.init}\n"
-        f"[gti.ground] {len(rows)} grounding examples x {cfg.trainer.max_epochs} epochs, batch {cfg.optim.batch_size}, "
-        f"max_steps {max_steps}, {padding}\n[gti.ground] trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)\n"
-        f"[gti.ground] example: {tokenizer.decode(rows[0]['input_ids'])!r}"
+    stage.say(
+        f"{len(new)} new tokens (ids {new.start}..{new.start + len(new) - 1}), init={cfg.init}",
+        f"{len(rows)} grounding examples x {cfg.trainer.max_epochs} epochs, batch {cfg.optim.batch_size}, "
+        f"max_steps {cfg.trainer.max_steps}, {padding}",
+        f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)",
+        f"example: {tokenizer.decode(rows[0]['input_ids'])!r}",
     )
 
     # fit
-    trainer = make_trainer(cfg.trainer, work, max_steps)
-    trainer.fit(module, loader, ckpt_path=run_dir.last_checkpoint(cfg.resume))
-    unshard(trainer, module)  # FSDP: every rank gets the full weights back before reading the rows
-    rows_in, rows_out = overlay_rows(model)
+    trainer = stage.fit(module, loader)
+    trainers.unshard(trainer, module)  # FSDP: every rank gets the full weights back before reading the rows
+    overlay_rows(model)  # the trained (n, d) table(s) as merged next (test_fsdp records them here)
     merge_overlay(model)
-    if cfg.ground.unfreeze_steps > 0:
+    if cfg.ground.unfreeze_steps > 0:  # optional second phase: everything trains, from the merged model
         full = GroundingModule(model, new, cfg.ground.unfreeze_lr, o.weight_decay, 0, full=True, **fast)
-        phase2 = make_trainer(cfg.trainer, work / "phase2", cfg.ground.unfreeze_steps)
+        phase2 = trainers.make_trainer(cfg.trainer, work / "phase2", cfg.ground.unfreeze_steps)
         phase2.fit(full, loader)
-        unshard(phase2, full)
+        trainers.unshard(phase2, full)
     if cfg.ground.unfreeze_steps == 0 and not torch.equal(model.get_input_embeddings().weight.detach()[: new.start], old_rows):
         raise RuntimeError("old embedding rows changed during grounding")  # cannot happen: they are frozen
 
     # evaluate (diagnostics) + save
-    if trainer.is_global_zero:
-        diag = diagnose_rows(model, tokenizer, new, ds, work, "final", before=diag_init) if cfg.diagnostics else {}
-        save_hf(model, tokenizer, work / "model")
-        write_metadata(work, run_metadata(
-            "ground", cfg, ds, new, trainable_parameters=trainable, grounding_examples=len(rows),
-            steps=trainer.global_step, wall_time_s=round(time.time() - t0, 1),
-            final_loss=_last_loss(trainer), diagnostics={"init": public(diag_init), "final": public(diag)} if cfg.diagnostics else {},
-        ))  # fmt: skip
-        out = run_dir.finish()
-        print(f"[gti.ground] done in {time.time() - t0:.0f}s -> {out}")
-        return out
-    return run_dir.final
+    if not trainer.is_global_zero:
+        return stage.final
+    diag = diagnose_rows(model, tokenizer, new, ds, work, "final", before=diag_init) if cfg.diagnostics else {}
+    return stage.finish(model, tokenizer, run_metadata(
+        "ground", cfg, ds, new, trainable_parameters=trainable, grounding_examples=len(rows),
+        steps=trainer.global_step, wall_time_s=stage.elapsed(),
+        final_loss=_last_loss(trainer), diagnostics={"init": public(diag_init), "final": public(diag)} if cfg.diagnostics else {},
+    ))  # fmt: skip
 
 
 def _last_loss(trainer) -> float | None:
@@ -110,10 +100,12 @@ def _last_loss(trainer) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.core.cli import guarded
+    from gti.core.cli import exit_on_help, guarded
+    from gti.core.log import get_logger
 
+    exit_on_help(argv, __doc__, GroundConfig)
     cfg = guarded(lambda: load_config(GroundConfig, argv))
-    print(to_yaml(cfg))
+    get_logger("ground").info("config:\n%s", to_yaml(cfg).rstrip())
     guarded(lambda: run(cfg))
 
 

@@ -1,6 +1,7 @@
-"""`python -m gti.prepare dataset=ml-100k` — raw files -> native dataset under data/NAME/.
+"""`python -m gti.prepare [config.yaml] [key=value ...]` — raw files -> native dataset under data/NAME/.
 
-Run `python -m gti.prepare configs/prepare.yaml dataset=ml-1m` for MovieLens-1M.
+`python -m gti.prepare dataset=ml-100k` converts the packaged MovieLens-100K copy;
+`python -m gti.prepare configs/prepare.yaml dataset=ml-1m` MovieLens-1M; other datasets take source=FOLDER.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from gti.data.convert import run
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.core.cli import guarded
+    from gti.core.cli import exit_on_help, guarded
 
+    exit_on_help(argv, __doc__, PrepareConfig)
     guarded(lambda: run(load_config(PrepareConfig, argv)))
 
 

@@ -1,5 +1,6 @@
-"""`python -m gti.protocol configs/tiger-beauty.yaml source=FOLDER [dry_run=false]` — one published
-setting end to end, as the four stage commands a user could type:
+"""`python -m gti.protocol CONFIG.yaml source=FOLDER [dry_run=false]` — one published setting end to end.
+
+A preset such as configs/tiger-beauty.yaml becomes the four stage commands a user could type:
 
   gti.prepare -> gti.sids -> gti.ground (arm "gti") -> gti.finetune (one run per arm)
 
@@ -19,8 +20,9 @@ from gti.experiments.protocol import ProtocolConfig, run
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.core.cli import guarded
+    from gti.core.cli import exit_on_help, guarded
 
+    exit_on_help(argv, __doc__, ProtocolConfig)
     guarded(lambda: run(load_config(ProtocolConfig, argv)))
 
 

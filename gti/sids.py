@@ -1,6 +1,6 @@
 """`python -m gti.sids [configs/sids.yaml] [key=value ...]` — item text -> embedding -> Semantic IDs.
 
-Build (design.md §4): embed `item_text` of every item (MiniLM by default, or the backbone LM's
+Build (docs/data.md): embed `item_text` of every item (MiniLM by default, or the backbone LM's
 mean-pooled hidden states), quantise (residual k-means or RQ-VAE), append the dedup level, write
 into data/NAME/:
   NAME.index.json          {"<item>": ["<a_12>", "<b_7>", "<c_3>", "<d_0>"]}
@@ -10,7 +10,7 @@ into data/NAME/:
   NAME.codebooks.npy       (levels, codes, d) codebooks (d = embedding dim for rqkmeans, code dim for rqvae)
 A second run with the same inputs (item texts, encoder, quantiser settings) is skipped; force=true rebuilds.
 
-An index on disk is never replaced silently (design.md §10): runs grounded on it record its hash.
+An index on disk is never replaced silently (docs/traps.md): runs grounded on it record its hash.
 Other quantiser settings than the report records are an error naming each setting (on disk vs
 requested) unless force=true; changed item texts or outputs that differ from the report are rebuilt.
 The stages (gti.ground / gti.finetune, via `gti.train.trainer.ensure_dataset`) build a missing index, use a
@@ -30,8 +30,9 @@ from gti.indexing.build import run
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.core.cli import guarded
+    from gti.core.cli import exit_on_help, guarded
 
+    exit_on_help(argv, __doc__, SidsConfig)
     guarded(lambda: run(load_config(SidsConfig, argv)))
 
 

@@ -1,9 +1,9 @@
 """Trie-constrained beam search: our decoders vs HF generate, side by side in one run.
 
 Same model, prompts (one per user), trie and beam settings for every variant:
-  (a) gti.rank.trie.constrained_beam_search: prompt encoded once, beams as tree attention over one shared cache,
+  (a) gti.rank.beam_search.constrained_beam_search: prompt encoded once, beams as tree attention over one shared cache,
       no host sync in the step loop
-  (r) gti.rank.trie.constrained_beam_search_reference: the previous decoder, prompt cache copied to the beams
+  (r) gti.rank.beam_reference.constrained_beam_search_reference: the previous decoder, prompt cache copied to the beams
   (a') HF generate + our TrieLogitsProcessor (generate encodes each prompt num_beams times)
   (b) HF generate + prefix_allowed_tokens_fn over a Python prefix dict   (c) HF generate, no constraint
 Prints wall time per batch, users/s, the constraint-only cost per decoding step, the speed-ups of (a), and
@@ -48,7 +48,7 @@ def load(name: str, device: str):
 
 
 def prefix_dict(seqs: list[list[int]], eos: int) -> dict[tuple[int, ...], list[int]]:
-    """What seed repos (LC-Rec, TIGER ports) build: every SID prefix -> its allowed next tokens."""
+    """What public repos (LC-Rec, TIGER ports) build: every SID prefix -> its allowed next tokens."""
     nxt: dict[tuple[int, ...], set[int]] = {}
     for s in seqs:
         for d in range(len(s)):

@@ -4,7 +4,7 @@ Each variant runs in its own subprocess so peak memory (ru_maxrss) is its own. P
 step, peak RSS, trainable state (parameters + AdamW moments + gradients) and the ratios.
     python scripts/bench_grounding.py                       # SmolLM2-135M, batch 8 x 64 tokens
     python scripts/bench_grounding.py --model tiny --steps 20
-Targets (issue 6): time ratio <= 0.7x, trainable state <= 1% of full fine-tuning's.
+Targets: time ratio <= 0.7x, trainable state <= 1% of full fine-tuning's.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 16's speed table in one run, on CPU or CUDA: training tokens/s, ranking users/s, time to first step.
+"""The speed table in one run, on CPU or CUDA: training tokens/s, ranking users/s, time to first step.
 
 Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's SID tokens):
   1. ours: the grounding step (overlay rows only) and the fine-tuning step (all parameters) as the stages run
@@ -10,7 +10,7 @@ Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's
   Ours-lean and ours-full alternate step by step (lean, full, full, lean, ...) and a raw step runs before each
   of them, so a shared CPU slows all three alike. Targets: ours/raw >= 0.9x; lean/full is the lean step's gain.
   4. ranking users/s on ML-100K test users (prompts as gti.train.rows.eval_rows builds them, template 0): our decoder
-     (`gti.rank.trie.constrained_beam_search`) vs HF generate + trie (`hf_constrained_beam_search`), alternating per
+     (`gti.rank.beam_search.constrained_beam_search`) vs HF generate + trie (`hf_constrained_beam_search`), alternating per
      batch, and the share of users for whom both return the same item list. New rows start random, not mean:
      identical rows would tie every SID score and make the comparison meaningless.
   5. time from the command to the first training step of `python -m gti.finetune` (1 step, 2 test users), as

@@ -1,4 +1,4 @@
-"""How much bf16 ranking changes a finished fine-tuning run's recommendations (design.md §10).
+"""How much bf16 ranking changes a finished fine-tuning run's recommendations (docs/traps.md).
 
 Loads RUN_DIR/model with plain transformers, rebuilds the test prompts as gti.finetune does (same data
 subset, history length, template, trie, beam width) and ranks the first N test users twice with the same

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real SmolLM2 tokenizer on a tiny random Llama (resources.md)."""
+"""Shared fixtures: the real SmolLM2 tokenizer on a tiny random Llama."""
 
 from __future__ import annotations
 

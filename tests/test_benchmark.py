@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from fixtures import write_toy_dataset
 
-import gti.experiments.benchmark
+import gti.experiments.runner
 from gti.core.config import (
     DataConfig,
     EvalConfig,
@@ -19,7 +19,8 @@ from gti.core.config import (
     load_config,
 )
 from gti.core.errors import GtiError
-from gti.experiments.benchmark import BenchmarkConfig, check_same_sids, list_diversity, run, run_cell
+from gti.experiments.benchmark import BenchmarkConfig, check_same_sids, run, run_cell
+from gti.experiments.report import list_diversity
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -73,13 +74,13 @@ def test_stage_processes_get_their_share_of_the_cores(tmp_path, monkeypatch):
         envs.append((cmd[2], env))
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(gti.experiments.benchmark.subprocess, "run", fake_run)
+    monkeypatch.setattr(gti.experiments.runner.subprocess, "run", fake_run)
     run_cell(BenchmarkConfig(output_dir=str(tmp_path / "a"), threads=3), "gti-mean", 0)
     assert [m for m, _ in envs] == ["gti.ground", "gti.finetune"]
     for _, env in envs:
         assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3" and env["TOKENIZERS_PARALLELISM"] == "false"
     envs.clear()
-    monkeypatch.setattr(gti.experiments.benchmark.os, "cpu_count", lambda: 5)
+    monkeypatch.setattr(gti.experiments.runner.os, "cpu_count", lambda: 5)
     run_cell(BenchmarkConfig(output_dir=str(tmp_path / "b"), parallel=2), "mean", 0)  # threads 0: 5 cores // 2
     assert envs[0][1]["OMP_NUM_THREADS"] == "2"
     envs.clear()

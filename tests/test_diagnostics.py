@@ -1,4 +1,4 @@
-"""Geometry diagnostics on hand-computable matrices (design.md §8)."""
+"""Geometry diagnostics on hand-computable matrices (docs/evaluation.md)."""
 
 import json
 import math

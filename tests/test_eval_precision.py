@@ -1,4 +1,4 @@
-"""Issue 15: ranking does not depend on trainer.precision (design.md §10); eval.ks must fit in the beams."""
+"""Ranking does not depend on trainer.precision (docs/traps.md); eval.ks must fit in the beams."""
 
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Issue 16: grounding under FSDP on 2 CPU processes: the overlay table trains while sharded and merges back."""
+"""Grounding under FSDP on 2 CPU processes: the overlay table trains while sharded and merges back."""
 
 import json
 import os

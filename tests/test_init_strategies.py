@@ -1,4 +1,4 @@
-"""Every init strategy on a tiny example with hand-computed rows (design.md §5)."""
+"""Every init strategy on a tiny example with hand-computed rows (docs/method.md)."""
 
 import math
 
@@ -208,7 +208,7 @@ def test_unknown_strategy():
 def test_early_exit_hidden_states_match_the_full_forward():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gti.tokens.init_strategies import _hidden_at
+    from gti.tokens.hidden_init import hidden_at
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
@@ -219,4 +219,4 @@ def test_early_exit_hidden_states_match_the_full_forward():
     with torch.no_grad():
         full = body(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         for layer in range(5):
-            assert torch.allclose(_hidden_at(body, layer, ids, mask), full[layer], atol=1e-6), layer
+            assert torch.allclose(hidden_at(body, layer, ids, mask), full[layer], atol=1e-6), layer

@@ -1,5 +1,5 @@
 """The lean step (LM head and loss at labelled positions only) trains exactly like HF's full-logits loss
-(issue 16, design.md §10): same loss, same gradients, for the overlay's new rows (tied and untied), full
+(docs/traps.md): same loss, same gradients, for the overlay's new rows (tied and untied), full
 fine-tuning and LoRA; and a NaN still stops the run, naming its step, although the guard checks only at
 logging steps."""
 
@@ -77,7 +77,7 @@ def test_full_finetuning(tokenizer, tied):
 
 
 def test_lora(tokenizer):
-    from gti.finetune import apply_lora
+    from gti.train.lora import apply_lora
 
     model, new = tiny(tokenizer, tied=True)
     model = apply_lora(model, FinetuneConfig(lora=LoraConfig(enabled=True, dropout=0.0)), new)

@@ -105,7 +105,7 @@ def test_finetune_rejects_folder_that_is_not_stage1(tmp_path):
     from gti.finetune import run as finetune
 
     (tmp_path / "x").mkdir()
-    with pytest.raises(ConfigError, match="not a gti.ground output folder"):
+    with pytest.raises(ConfigError, match="not a gti run folder"):
         finetune(FinetuneConfig(init_from=str(tmp_path / "x")))
 
 

@@ -1,5 +1,6 @@
 """Every protocol config under configs/ loads and dry-runs on a fixture in its data format."""
 
+import json
 import shlex
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_run_executes_stages_in_order_and_stops_at_a_failure(tmp_path, monkeypat
     src = write_amazon2014(tmp_path / "raw", "Beauty")
     calls = []
 
-    def fake(argv):
+    def fake(argv, **kw):
         calls.append(argv)
         return subprocess.CompletedProcess(argv, 1 if argv[2] == "gti.ground" else 0)
 
@@ -72,6 +73,39 @@ def test_run_executes_stages_in_order_and_stops_at_a_failure(tmp_path, monkeypat
     with pytest.raises(GtiError, match=r"step 3 \(gti.ground\) failed"):
         run(protocol("tiger-beauty.yaml", f"source={src}", "dry_run=false"))
     assert [c[:3] for c in calls] == [[sys.executable, "-m", m] for m in ("gti.prepare", "gti.sids", "gti.ground")]
+
+
+def finished_run(folder: Path, stage: str) -> None:
+    """What a stage leaves once it completes: gti.json and model/config.json in the final (not .partial) folder."""
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "config.json").write_text("{}")
+    (folder / "gti.json").write_text(json.dumps({"stage": stage}))
+
+
+def test_rerun_skips_stages_whose_run_folder_is_finished(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    src, runs = write_amazon2014(tmp_path / "raw", "Beauty"), tmp_path / "runs"
+    calls = []
+
+    def fake(argv, **kw):
+        calls.append(argv[2])
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(subprocess, "run", fake)
+    finished_run(runs / "ground", "ground")  # an earlier run got past grounding
+    (runs / "finetune-gti.partial").mkdir()  # and was killed while fine-tuning: not finished, runs again
+    cfg = protocol("tiger-beauty.yaml", f"source={src}", f"output_dir={runs}", "dry_run=false")
+    printed = run(cfg)
+    assert calls == ["gti.prepare", "gti.sids", "gti.finetune", "gti.finetune"]
+    assert f"[gti.protocol] step 3/5: {runs / 'ground'} is finished, skipped" in capsys.readouterr().out
+    assert len(printed) == 5  # the skipped step is still one of the commands
+
+    finished_run(runs / "finetune-gti", "finetune")
+    finished_run(runs / "finetune-mean", "ground")  # another stage's folder at that path: an error, not a skip
+    calls.clear()
+    with pytest.raises(ConfigError, match=r"finetune output_dir .*finetune-mean: gti.json says stage='ground'"):
+        run(protocol("tiger-beauty.yaml", f"source={src}", f"output_dir={runs}", "dry_run=false"))
+    assert calls == ["gti.prepare", "gti.sids"]
 
 
 def test_lcrec_folder_keeps_its_own_sids(tmp_path, monkeypatch):

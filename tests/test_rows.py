@@ -1,4 +1,4 @@
-"""Tokenised rows on `datasets` (gti/rows.py): the same rows as the tokenizer path, cached and keyed by settings."""
+"""Tokenised rows on `datasets` (gti.train.rows): the same rows as the tokenizer path, cached and keyed by settings."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from fixtures import write_toy_dataset
 from gti.core.config import DataConfig, FinetuneConfig
 from gti.data.dataset import last_per_user, leave_one_out, load_dataset
 from gti.tokens.vocab import add_tokens, sid_tokens
+from gti.train.compose import RecComposer
 from gti.train.grounding import grounding_examples
 from gti.train.recommender import rec_prompt, train_rows
-from gti.train.rows import RecComposer, collate, eval_rows, grounding_rows, rec_train_rows, train_table
+from gti.train.rows import collate, eval_rows, grounding_rows, rec_train_rows, train_table
 from gti.train.templates import GROUNDING_TEMPLATES, PromptFormatter
 
 

@@ -1,4 +1,4 @@
-"""Issue 7: DDP evaluation equals single-process evaluation; kill-and-resume equals an uninterrupted run."""
+"""DDP evaluation equals single-process evaluation; kill-and-resume equals an uninterrupted run."""
 
 import json
 import os

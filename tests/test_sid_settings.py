@@ -1,5 +1,5 @@
-"""An SID index on disk is never replaced silently (design.md §10), and configs meant to be compared
-build the same SIDs (issue 15: ground-full.yaml built 3 x 64, finetune-full.yaml 3 x 32, each run
+"""An SID index on disk is never replaced silently (docs/traps.md), and configs meant to be compared
+build the same SIDs (ground-full.yaml once built 3 x 64 and finetune-full.yaml 3 x 32, so each run
 overwrote data/ml-1m/ml-1m.index.json for the other)."""
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ import pytest
 from gti.core.config import DataConfig, SidsConfig, load_config
 from gti.core.errors import ConfigError, DataError
 from gti.data.dataset import dataset_file, write_dataset
+from gti.data.sid_index import analyze_index
 from gti.indexing.build import codebooks_path, codevecs_path, run
-from gti.indexing.quantize import analyze_index, dedup_level, repair_index, rq_kmeans, to_tokens, usage_report
+from gti.indexing.quantize import dedup_level, repair_index, rq_kmeans, to_tokens, usage_report
 from gti.sids import main
 
 GENRES = ["Comedy", "Drama", "Horror", "Sci-Fi", "Western"]
@@ -194,7 +195,7 @@ def test_sids_configs_load():
 
 
 def test_backbone_embedding_is_padding_invariant(tiny_model_dir):
-    from gti.indexing.build import embed_backbone
+    from gti.indexing.embed import embed_backbone
 
     texts = ["Toy Story (1995). Animation", "Heat (1995). Action, Crime, Thriller and a much longer tail of words", "Up"]
     batched = embed_backbone(texts, tiny_model_dir, batch_size=3, max_length=32, progress=False)

@@ -38,7 +38,7 @@ def test_plain_format_without_chat_template(tokenizer):
 
 
 def test_encode_never_cuts_a_row_too_long(tokenizer):
-    # cutting the prompt's head drops SIDs and the chat frame (design.md §10): encode raises instead,
+    # cutting the prompt's head drops SIDs and the chat frame (docs/traps.md): encode raises instead,
     # naming the length needed; rows with free text are fitted by encode_fields (tests/test_truncation.py)
     fmt = PromptFormatter(tokenizer)
     need = len(fmt.encode("word " * 200, "the answer", 10_000).input_ids)

@@ -1,4 +1,4 @@
-"""Training-step throughput features (issue 16): a frozen backbone held in bf16, length-grouped batches,
+"""Training-step throughput features: a frozen backbone held in bf16, length-grouped batches,
 torch.compile of the training forward, threads / nodes, and the time-to-first-step line (tiny Llama, CPU)."""
 
 from __future__ import annotations
@@ -193,13 +193,42 @@ def test_an_optimizer_step_holds_the_same_rows_however_it_is_split():
     assert EpochShuffleSampler(500, 0, 2, lengths, accumulate=2).order(0, world_size=2) == one
 
 
-def test_resume_skips_the_batches_already_trained():
-    lengths = skewed_lengths(100)
-    s = EpochShuffleSampler(100, 0, 8, lengths)
+def test_loader_state_resumes_after_the_batches_already_trained():
+    """Lightning saves the loader's state_dict in checkpoints and gives it back before a resumed epoch."""
+    from gti.train.batching import ResumableLoader
+
+    s, fresh = (EpochShuffleSampler(100, 0, 8, skewed_lengths(100)) for _ in range(2))
+    loader, again = (ResumableLoader(list(range(100)), x, batch_size=8) for x in (s, fresh))
     s.set_epoch(2)
-    s.resume_after({"loops": {"fit_loop": {"epoch_loop.batch_progress": {"current": {"processed": 3}}}}})
-    assert list(s) == s.order(2)[24:]  # the interrupted epoch continues after its 3 batches
-    assert list(s) == s.order(2)  # and only that pass
+    it = iter(loader)
+    seen = [next(it).tolist() for _ in range(3)]
+    assert loader.state_dict() == {"epoch": 2, "batches": 3}  # what a checkpoint after the 3rd batch holds
+    again.load_state_dict(loader.state_dict())
+    fresh.set_epoch(2)  # Lightning sets the epoch after loading the state, before the first batch
+    rest = [b.tolist() for b in again]
+    assert [i for b in seen + rest for i in b] == s.order(2)  # the interrupted epoch continues after its 3 batches
+    assert again.state_dict() == {"epoch": 2, "batches": 13}  # counted from the resume point, the short last batch too
+    assert [i for b in again for i in b] == fresh.order(2)  # and only that pass skips
+    fresh.resume(2, 3)
+    fresh.set_epoch(3)  # a checkpoint at the epoch's end: the next epoch starts from its beginning
+    assert list(fresh) == fresh.order(3)
+
+
+def test_resume_under_ddp_gives_every_rank_its_remaining_batches():
+    """Lightning's DistributedSamplerWrapper reads len(sampler) positions, pads by wrapping round to position 0
+    and deals them out by stride: after a resume each rank sees the rest of its uninterrupted batches, padding too."""
+    n, bs, world, done = 101, 4, 3, 2  # 101 rows on 3 ranks: padded to 102
+
+    def rank_rows(positions, rank):  # torch's DistributedSampler (shuffle=False): padded to 102, dealt out by stride
+        return [positions[i] for i in (list(range(n)) + [0])[rank::world]]
+
+    s = EpochShuffleSampler(n, 0, bs, skewed_lengths(n))
+    full = s.positions(world)
+    s.resume(0, done)
+    resumed = s.positions(world)
+    for rank in range(world):
+        ref, res = rank_rows(full, rank), rank_rows(resumed, rank)
+        assert res[: len(ref) - done * bs] == ref[done * bs :]
 
 
 def test_partial_batch_stays_last_so_batches_stay_aligned():

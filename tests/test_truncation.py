@@ -1,4 +1,4 @@
-"""Rows too long for max_length: free text is shortened, SIDs / chat frame / EOS never cut (design.md §10)."""
+"""Rows too long for max_length: free text is shortened, SIDs / chat frame / EOS never cut (docs/traps.md)."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Geometry of a new-token matrix E (n x d): why one initialisation works better than another (design.md §8).
+"""Geometry of a new-token matrix E (n x d): why one initialisation works better than another (docs/evaluation.md).
 
 Plain torch/scipy/matplotlib (Agg, no pyplot state); `gti.diagnose` applies it to run folders.
 """
@@ -7,27 +7,26 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SID = re.compile(r"^<([a-zA-Z])_(\d+)>$")
+from gti.data.dataset import parse_sid_token
 
 
 def level_of(token: str) -> int:
-    """`<a_12>` -> 0, `<c_3>` -> 2 (letter - 'a'); any other token -> -1."""
-    m = SID.match(token)
-    return ord(m.group(1).lower()) - ord("a") if m else -1
+    """`<a_12>` -> 0, `<c_3>` -> 2 (letter - 'a', either case); any other token -> -1."""
+    sid = parse_sid_token(token)
+    return ord(sid[0].lower()) - ord("a") if sid and len(sid[0]) == 1 else -1
 
 
 def level_order(tokens: list[str]) -> list[int]:
     """Row order for heatmaps: SID tokens by level then code, other tokens last (in their order)."""
 
     def key(i: int):
-        m = SID.match(tokens[i])
-        return (0, level_of(tokens[i]), int(m.group(2)), i) if m else (1, 0, 0, i)
+        level = level_of(tokens[i])
+        return (0, level, parse_sid_token(tokens[i])[1], i) if level >= 0 else (1, 0, 0, i)
 
     return sorted(range(len(tokens)), key=key)
 
@@ -141,7 +140,7 @@ def summarize(
     token_names: list[str] | None = None,
     sample: int = 3,
 ) -> dict:
-    """All §8 numbers for E (n, d) as a JSON-serialisable dict (NaN -> null)."""
+    """All the geometry numbers (docs/evaluation.md) for E (n, d) as a JSON-serialisable dict (NaN -> null)."""
     E = E.detach().float().cpu()
     s_u, s_c = spectrum(E), spectrum(E, centered=True)
     out: dict = {

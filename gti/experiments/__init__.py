@@ -1,1 +1,8 @@
-"""Experiments: the benchmark matrix of initialisations and the published-protocol presets."""
+"""Experiments: stage commands run as subprocesses, the way a user would type them.
+
+arms.py       the initialisations compared (one table for the benchmark and the protocol presets)
+runner.py     one stage as `python -m gti.<stage>`, skipped when its run folder is finished (resume)
+benchmark.py  every arm over seeds, cells one at a time or side by side
+report.py     the benchmark's results.md / results.json / plots from its finished cells
+protocol.py   one published setting as the four stage commands, checked before anything runs
+"""

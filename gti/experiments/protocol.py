@@ -1,11 +1,9 @@
-"""One published setting end to end, as the four stage commands a user could type."""
+"""One published setting end to end, as the four stage commands a user could type; a re-run skips the ground and
+finetune stages whose run folders are finished (gti.prepare and gti.sids check their own outputs)."""
 
 from __future__ import annotations
 
 import importlib.util
-import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -13,10 +11,13 @@ from typing import Any
 
 from gti.core.config import FinetuneConfig, GroundConfig, PrepareConfig, SidsConfig, eval_problems, load_config
 from gti.core.errors import ConfigError, GtiError
+from gti.core.log import get_logger
 from gti.data.convert import IMPORTERS, output_name
 from gti.data.importers import amazon, lcrec, minionerec, p5
+from gti.experiments.arms import PROTOCOL_ARMS, protocol_arm
+from gti.experiments.runner import StageFailed, Step, run_step
 
-ARMS = ("gti", "mean", "multitask")
+log = get_logger("protocol")
 PEEKS = {  # dataset -> (file, record iterator) pairs for the dry-run check
     "amazon2014": amazon.peek,
     "amazon2018": amazon.peek,
@@ -60,7 +61,7 @@ class ProtocolConfig:
     ground: GroundOverrides = field(default_factory=GroundOverrides)
     finetune: FinetuneOverrides = field(default_factory=FinetuneOverrides)
     model: str = "smollm2-135m"
-    arms: list[str] = field(default_factory=lambda: ["gti", "mean"])  # gti | mean | multitask
+    arms: list[str] = field(default_factory=lambda: ["gti", "mean"])  # gti | mean | multitask (arms.PROTOCOL_ARMS)
     ground_config: str = "configs/ground-full.yaml"  # stage configs the overrides apply to
     finetune_config: str = "configs/finetune-full.yaml"
     output_dir: str | None = None  # None -> runs/<dataset name>
@@ -82,8 +83,8 @@ def _args(pairs: dict[str, Any]) -> list[str]:
     return [f"{k}={_value(v)}" for k, v in pairs.items()]
 
 
-def commands(cfg: ProtocolConfig) -> list[tuple[str, list[str]]]:
-    """(module, argv) per stage, in the order they run."""
+def plan(cfg: ProtocolConfig) -> list[Step]:
+    """The stages in the order they run; ground and finetune name the run folder they make."""
     p = cfg.prepare
     name = output_name(p)
     out = Path(cfg.output_dir or f"runs/{name}")
@@ -105,13 +106,15 @@ def commands(cfg: ProtocolConfig) -> list[tuple[str, list[str]]]:
         "eval.num_beams": cfg.finetune.num_beams,
         "eval.ks": cfg.finetune.ks,
     }
-    steps = [
-        ("gti.prepare", _args(prep)),
-        ("gti.sids", _args({**data, "levels": cfg.sids.levels, "codes": cfg.sids.codes})),
+    todo = [
+        Step("gti.prepare", _args(prep)),
+        Step("gti.sids", _args({**data, "levels": cfg.sids.levels, "codes": cfg.sids.codes})),
     ]
     if cfg.sids.imported:  # validated, collisions reported and repaired by gti.sids
-        steps[1] = ("gti.sids", _args({**data, "import_index": Path(p.root) / name / f"{name}.index.json"}))
-    if "gti" in cfg.arms:
+        todo[1] = Step("gti.sids", _args({**data, "import_index": Path(p.root) / name / f"{name}.index.json"}))
+    arms = {a: protocol_arm(a) for a in cfg.arms if a in PROTOCOL_ARMS}  # check() names the unknown ones
+    grounded = [arm for arm in arms.values() if arm.grounds]  # one: "gti"
+    if grounded:
         ground = {
             "model": cfg.model,
             **data,
@@ -123,20 +126,21 @@ def commands(cfg: ProtocolConfig) -> list[tuple[str, list[str]]]:
             "trainer.max_steps": -1,
             "output_dir": out / "ground",
         }
-        steps.append(("gti.ground", [cfg.ground_config, *_args(ground)]))
-    for arm in cfg.arms:
+        todo.append(Step("gti.ground", [cfg.ground_config, *_args(ground)], out / "ground"))
+    for arm_name, arm in arms.items():
         start = (
-            {"init_from": out / "ground"} if arm == "gti" else {"init_from": None, "model": cfg.model, "init": "mean"}
+            {"init_from": out / "ground"} if arm.grounds else {"init_from": None, "model": cfg.model, "init": arm.init}
         )
-        if arm == "multitask":
+        if arm.multitask:
             start["multitask"] = True
-        finetune = {**start, **data, **sids, **evaluation, "output_dir": out / f"finetune-{arm}"}
-        steps.append(("gti.finetune", [cfg.finetune_config, *_args(finetune)]))
-    return steps
+        finetune = {**start, **data, **sids, **evaluation, "output_dir": out / f"finetune-{arm_name}"}
+        todo.append(Step("gti.finetune", [cfg.finetune_config, *_args(finetune)], out / f"finetune-{arm_name}"))
+    return todo
 
 
-def shell(module: str, argv: list[str]) -> str:
-    return shlex.join(["python", "-m", module, *argv])  # quoted so that it pastes into a shell
+def commands(cfg: ProtocolConfig) -> list[tuple[str, list[str]]]:
+    """(module, argv) per stage, in the order they run."""
+    return [(s.module, s.argv) for s in plan(cfg)]
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -171,11 +175,11 @@ def sid_problems(steps: list[tuple[str, list[str]]]) -> list[str]:
 
 
 def check(cfg: ProtocolConfig, steps: list[tuple[str, list[str]]]) -> tuple[list[str], list[str]]:
-    """(report lines, problems): every problem found, not just the first (style.md §4)."""
+    """(report lines, problems): every problem found, not just the first, so one run of the check lists them all."""
     lines, problems = [], []
-    bad_arms = [a for a in cfg.arms if a not in ARMS]
+    bad_arms = [a for a in cfg.arms if a not in PROTOCOL_ARMS]
     if bad_arms or not cfg.arms:
-        problems.append(f"arms: {bad_arms or 'empty'}; choose from {', '.join(ARMS)}")
+        problems.append(f"arms: {bad_arms or 'empty'}; choose from {', '.join(PROTOCOL_ARMS)}")
     for module, argv in steps:  # each stage parses its own arguments exactly as it will at run time
         try:
             stage = load_config(SCHEMAS[module], argv)
@@ -221,29 +225,29 @@ def check(cfg: ProtocolConfig, steps: list[tuple[str, list[str]]]) -> tuple[list
 def run(cfg: ProtocolConfig) -> list[str]:
     if cfg.source is not None:
         cfg.prepare.source = cfg.source
-    steps = commands(cfg)
-    lines, problems = check(cfg, steps)
+    todo = plan(cfg)
+    lines, problems = check(cfg, [(s.module, s.argv) for s in todo])
     p = cfg.prepare
-    print(
-        f"[gti.protocol] {' '.join(filter(None, [p.dataset, p.category]))} from {p.source}; arms: {', '.join(cfg.arms)}"
+    log.info(
+        f"{' '.join(filter(None, [p.dataset, p.category]))} from {p.source}; arms: {', '.join(cfg.arms)}"
+        + "".join(f"\n  {line}" for line in lines)
     )
-    for line in lines:
-        print(f"  {line}")
     if problems:
         raise ConfigError("protocol check failed:\n  - " + "\n  - ".join(problems))
-    printed = [shell(m, a) for m, a in steps]
-    print("[gti.protocol] " + ("would run:" if cfg.dry_run else "running:"))
-    for n, cmd in enumerate(printed, 1):
-        print(f"  {n}. {cmd}")
+    printed = [s.shell() for s in todo]
+    log.info("would run:" if cfg.dry_run else "running:")
+    print("\n".join(f"  {n}. {cmd}" for n, cmd in enumerate(printed, 1)))  # the commands, to paste or compare
     if cfg.dry_run:
-        print("[gti.protocol] dry run: nothing was trained; dry_run=false runs these in order")
+        log.info("dry run: nothing was trained; dry_run=false runs these in order")
         return printed
-    missing = [m for m, _ in steps if importlib.util.find_spec(m) is None]
+    missing = [s.module for s in todo if importlib.util.find_spec(s.module) is None]
     if missing:
         raise ConfigError(f"stage modules not found: {', '.join(sorted(set(missing)))}")
-    for n, (module, argv) in enumerate(steps, 1):
-        print(f"[gti.protocol] step {n}/{len(steps)}: {printed[n - 1]}", flush=True)
-        done = subprocess.run([sys.executable, "-m", module, *argv])
-        if done.returncode != 0:
-            raise GtiError(f"step {n} ({module}) failed with exit code {done.returncode}; later steps not run")
+    for n, step in enumerate(todo, 1):
+        try:  # a finished ground/finetune folder is skipped: the same command resumes an interrupted protocol
+            run_step(step, lambda what, n=n: log.info(f"step {n}/{len(todo)}: {what}"), printed[n - 1])
+        except StageFailed as e:
+            raise GtiError(
+                f"step {n} ({step.module}) failed with exit code {e.returncode}; later steps not run"
+            ) from None
     return printed

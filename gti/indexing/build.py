@@ -1,4 +1,5 @@
-"""Build or import the SID index of a dataset: embed item text, quantise, make SIDs collision-free, report."""
+"""Build or import the SID index of a dataset: embed item text (gti.indexing.embed), quantise, make SIDs
+collision-free, report."""
 
 from __future__ import annotations
 
@@ -6,10 +7,7 @@ import contextlib
 import datetime
 import hashlib
 import json
-import os
-import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -17,13 +15,14 @@ import numpy as np
 
 from gti.core.config import PrepareConfig, SidsConfig
 from gti.core.errors import ConfigError, DataError
-from gti.core.io import file_sha256, text_sha256, write_json
+from gti.core.io import file_sha256, save_npy, text_sha256, write_json
+from gti.core.log import get_logger
 from gti.data.dataset import dataset_dir, dataset_file, item_text, read_index, read_items
+from gti.data.sid_index import analyze_index, check_index
+from gti.indexing.embed import embeddings, encoder_tag
 from gti.indexing.guard import use_existing
 from gti.indexing.quantize import (
     LETTERS,
-    analyze_index,
-    check_index,
     dedup_level,
     reconstruct,
     repair_index,
@@ -35,44 +34,16 @@ from gti.indexing.quantize import (
 SCHEMA_VERSION = 1
 PACKAGED = ("ml-100k", "ml-1m")  # prepared on demand
 QUANTIZERS = ("rqkmeans", "rqvae")
+log = get_logger("sids")
 
 
 # ----------------------------------------------------------------------------------------- paths
 def codevecs_path(root: str | Path, name: str) -> Path:
-    return dataset_dir(root, name) / f"{name}.sid_codevecs.npy"
+    return dataset_file(root, name, "sid_codevecs")
 
 
 def codebooks_path(root: str | Path, name: str) -> Path:
-    return dataset_dir(root, name) / f"{name}.codebooks.npy"
-
-
-def encoder_tag(cfg: SidsConfig) -> str:
-    """File-name-safe encoder name: minilm | backbone-<model> | <folder name>-<hash of the path>."""
-
-    def clean(s: str) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("._-") or "encoder"
-
-    def short(s: str) -> str:
-        return clean(Path(s).name) + "-" + text_sha256(s)[:8] if "/" in s or os.sep in s else clean(s)
-
-    return f"backbone-{short(cfg.model)}" if cfg.encoder == "backbone" else short(cfg.encoder)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    """Atomic np.save (the file appears complete or not at all)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    return dataset_file(root, name, "codebooks")
 
 
 def _read_report(path: Path) -> dict | None:
@@ -104,7 +75,7 @@ def check_config(cfg: SidsConfig) -> None:
     if cfg.import_index and not Path(cfg.import_index).is_file():
         problems.append(f"import_index={cfg.import_index}: file not found")
     if problems:
-        raise ConfigError("invalid sids config:\n  - " + "\n  - ".join(problems))
+        raise ConfigError.listing(problems)
 
 
 def load_items(cfg: SidsConfig) -> dict[int, dict]:
@@ -145,63 +116,6 @@ def texts_hash(texts: list[str]) -> str:
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------------------- embedding
-def embed_sentence_transformer(texts: list[str], encoder: str, batch_size: int, progress: bool = True) -> np.ndarray:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
-    from gti.core.assets import resolve_encoder
-
-    model = SentenceTransformer(resolve_encoder(encoder), device="cpu")
-    X = model.encode(texts, batch_size=batch_size, show_progress_bar=progress, convert_to_numpy=True)
-    return np.asarray(X, dtype=np.float32)
-
-
-def embed_backbone(texts: list[str], model_name: str, batch_size: int, max_length: int, progress: bool = True) -> np.ndarray:
-    """Mean of the LM's last hidden states over the non-pad tokens of each text."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoModel, AutoTokenizer
-
-    from gti.core.assets import resolve_model
-
-    path = resolve_model(model_name)
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "right"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths per batch: less padding
-    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(texts), batch_size), desc="embed (backbone)", disable=not progress):
-            idx = order[start : start + batch_size]
-            enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            h = model(**enc).last_hidden_state  # (B, T, d)
-            mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)  # (B, T, 1)
-            out[idx] = ((h * mask).sum(1) / mask.sum(1).clamp_min(1)).float().numpy()
-    return out
-
-
-def embeddings(cfg: SidsConfig, texts: list[str], key: str, old: dict | None) -> tuple[np.ndarray, bool]:
-    """Cached (n, d) matrix, else embed and cache. A cache is used when it has one row per item and
-    the last report does not record other inputs for it (a user-supplied file has no record)."""
-    path = dataset_file(cfg.data.root, cfg.data.name, f"emb-{encoder_tag(cfg)}")
-    recorded = (old or {}).get("embedding", {})
-    if path.is_file() and (recorded.get("file") != path.name or recorded.get("key") == key):
-        X = np.load(path, allow_pickle=False)
-        if X.ndim == 2 and X.shape[0] == len(texts):
-            print(f"[gti.sids] using cached embeddings {path} {X.shape}")
-            return X.astype(np.float32, copy=False), True
-        print(f"[gti.sids] {path} has shape {X.shape}, expected ({len(texts)}, d): re-embedding")
-    if cfg.encoder == "backbone":
-        X = embed_backbone(texts, cfg.model, cfg.embed_batch_size, cfg.embed_max_length)
-    else:
-        X = embed_sentence_transformer(texts, cfg.encoder, cfg.embed_batch_size)
-    _save_npy(path, X)
-    return X, False
-
-
 # ----------------------------------------------------------------------------------------- build
 def quantize(X: np.ndarray, cfg: SidsConfig) -> tuple[np.ndarray, list[np.ndarray], list[dict]]:
     if cfg.quantizer == "rqvae":
@@ -236,8 +150,8 @@ def run(cfg: SidsConfig, stage: bool = False) -> dict:
     if not cfg.force and index_path.is_file() and use_existing(cfg, old, settings, input_hash, stage):
         return {**(old or {}), "skipped": True}
 
-    print(
-        f"[gti.sids] {name}: {len(texts)} items, encoder {cfg.encoder}"
+    log.info(
+        f"{name}: {len(texts)} items, encoder {cfg.encoder}"
         f"{' (' + cfg.model + ')' if cfg.encoder == 'backbone' else ''} -> {cfg.quantizer} "
         f"{cfg.levels} levels x {cfg.codes} codes + dedup level, seed {cfg.seed}"
     )
@@ -281,14 +195,14 @@ def run(cfg: SidsConfig, stage: bool = False) -> dict:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     with _timed(phases, "write"):
-        _save_npy(codevecs_path(root, name), codevecs)
-        _save_npy(codebooks_path(root, name), np.stack(books).astype(np.float32))
+        save_npy(codevecs_path(root, name), codevecs)
+        save_npy(codebooks_path(root, name), np.stack(books).astype(np.float32))
         write_json(index_path, {str(i): tokens[i] for i in range(len(tokens))}, indent=None)
         report["outputs_sha256"] = {k: file_sha256(dataset_dir(root, name) / f) for k, f in report["files"].items()}
     phases["total"] = round(time.perf_counter() - t_start, 3)
     report["wall_time_s"] = phases
     write_json(report_path, report)  # last: a report with a hash marks a complete build
-    _print_summary(report, index_path)
+    _log_summary(report, index_path)
     return {**report, "skipped": False}
 
 
@@ -304,18 +218,19 @@ def _versions() -> dict:
     return {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__}
 
 
-def _print_summary(report: dict, index_path: Path) -> None:
-    print(
-        f"[gti.sids] wrote {index_path}: {report['items']} items, collisions before dedup "
+def _log_summary(report: dict, index_path: Path) -> None:
+    lines = [
+        f"wrote {index_path}: {report['items']} items, collisions before dedup "
         f"{report['collisions_before_dedup']} ({report['colliding_items']} items in {report['colliding_prefixes']} "
         f"shared prefixes, largest bucket {report['max_bucket']}), after dedup {report['collisions_after_dedup']}"
-    )
-    for u in report["usage"]:
-        print(
-            f"  level {u['letter']}: {u['used']}/{u['codes']} codes used, entropy {u['entropy_bits']:.2f}"
-            f"/{u['max_entropy_bits']:.2f} bits, largest code holds {u['max_bucket']} items"
-        )
-    print(f"  wall time (s): {report['wall_time_s']}")
+    ]
+    lines += [
+        f"  level {u['letter']}: {u['used']}/{u['codes']} codes used, entropy {u['entropy_bits']:.2f}"
+        f"/{u['max_entropy_bits']:.2f} bits, largest code holds {u['max_bucket']} items"
+        for u in report["usage"]
+    ]
+    lines.append(f"  wall time (s): {report['wall_time_s']}")
+    log.info("\n".join(lines))
 
 
 # ----------------------------------------------------------------------------------------- import
@@ -340,7 +255,7 @@ def import_index(cfg: SidsConfig) -> dict:
     for stale in (codevecs_path(root, name), codebooks_path(root, name)):
         if stale.is_file():
             stale.unlink()
-            print(f"[gti.sids] removed {stale} (it belonged to the previous SIDs)")
+            log.info(f"removed {stale} (it belonged to the previous SIDs)")
     out = {
         "schema_version": SCHEMA_VERSION,
         "dataset": name,
@@ -353,12 +268,12 @@ def import_index(cfg: SidsConfig) -> dict:
     }
     write_json(dataset_file(root, name, "sids_report"), out)
     ex = f"; e.g. {report['examples'][0]['sid']} -> items {report['examples'][0]['items'][:5]}" if report["examples"] else ""
-    print(
-        f"[gti.sids] imported {src}: {report['items']} items, {report['unique_sids']} distinct SIDs, "
+    log.info(
+        f"imported {src}: {report['items']} items, {report['unique_sids']} distinct SIDs, "
         f"{report['collisions']} collisions (largest bucket {report['max_bucket']}){ex}, "
         f"{report['prefix_conflicts']} prefix conflicts"
     )
     if report["repaired"]:
-        print(f"[gti.sids] repaired: appended dedup level <{report['dedup_prefix']}_*> ({report['dedup_codes']} codes)")
-    print(f"[gti.sids] wrote {dest}")
+        log.info(f"repaired: appended dedup level <{report['dedup_prefix']}_*> ({report['dedup_codes']} codes)")
+    log.info(f"wrote {dest}")
     return {**out, "skipped": False}

@@ -27,7 +27,7 @@ def ensure_dataset(data: DataConfig, sids: SidsConfig) -> Dataset:
 
     sids.data = data
     # builds a missing index; an existing one is used only when it matches `sids` (or was imported,
-    # or has no report): a stage never replaces an index that finished runs depend on (design.md §10)
+    # or has no report): a stage never replaces an index that finished runs depend on (docs/traps.md)
     build_sids(sids, stage=True)
     ds = load_dataset(data.root, data.name, need_index=True)
     return subset(ds, data.max_users, data.max_items)

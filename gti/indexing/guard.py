@@ -1,4 +1,4 @@
-"""May an SID index on disk be used, rebuilt, or must the run stop? (design.md §10: never rebuild
+"""May an SID index on disk be used, rebuilt, or must the run stop? (docs/traps.md: never rebuild
 silently what a finished run depends on; grounded runs record the index hash, gti.finetune checks it.)
 
 `gti.indexing.build.run` asks `use_existing` before it builds over an existing NAME.index.json:
@@ -21,35 +21,38 @@ import shlex
 from gti.core.config import SidsConfig
 from gti.core.errors import ConfigError
 from gti.core.io import file_sha256
+from gti.core.log import get_logger
 from gti.data.dataset import dataset_dir, dataset_file
+
+log = get_logger("sids")
 
 
 def use_existing(cfg: SidsConfig, old: dict | None, settings: dict, input_hash: str, stage: bool) -> bool:
     """An index is on disk: True uses it, False rebuilds it (gti.sids only); replacing an index that
-    runs may depend on is a ConfigError instead (design.md §10)."""
+    runs may depend on is a ConfigError instead (docs/traps.md)."""
     root, name = cfg.data.root, cfg.data.name
     index_path, report_path = dataset_file(root, name, "index"), dataset_file(root, name, "sids_report")
     if old is None:
         if stage:
-            print(f"[gti.sids] {index_path} has no build report ({report_path.name}); used as is, settings unchecked")
+            log.info(f"{index_path} has no build report ({report_path.name}); used as is, settings unchecked")
             return True
-        print(f"[gti.sids] {index_path} has no build report ({report_path.name}): building ours over it")
+        log.info(f"{index_path} has no build report ({report_path.name}): building ours over it")
         return False
     if old.get("quantizer") == "imported":
-        print(f"[gti.sids] {index_path} was imported from {old.get('source')}; skipped (force=true rebuilds it)")
+        log.info(f"{index_path} was imported from {old.get('source')}; skipped (force=true rebuilds it)")
         return True
     diff = settings_diff(old.get("settings") or {}, settings)
     if diff:
         raise ConfigError(_mismatch_message(cfg, old, diff, stage))
     if old.get("input_hash") == input_hash and _outputs_intact(cfg, old):
-        print(f"[gti.sids] {index_path} is up to date (same input hash {input_hash[:12]}); skipped (force=true rebuilds)")
+        log.info(f"{index_path} is up to date (same input hash {input_hash[:12]}); skipped (force=true rebuilds)")
         return True
     texts_changed = old.get("input_hash") != input_hash
     if not stage:  # the user asked for this build; the old index no longer describes item.json / its report
-        print(f"[gti.sids] {'item texts changed' if texts_changed else 'outputs differ from the report'}: rebuilding {index_path}")
+        log.info(f"{'item texts changed' if texts_changed else 'outputs differ from the report'}: rebuilding {index_path}")
         return False
     if not texts_changed and file_sha256(index_path) == old.get("outputs_sha256", {}).get("index"):
-        print(f"[gti.sids] {index_path} matches its report (other outputs differ: diagnostics may be off); used as is")
+        log.info(f"{index_path} matches its report (other outputs differ: diagnostics may be off); used as is")
         return True
     why = "the item texts changed since it was built" if texts_changed else f"it is not the index {report_path.name} describes"
     raise ConfigError(

@@ -1,5 +1,6 @@
-"""Semantic-ID maths in plain numpy / torch (design.md §4): residual k-means, the dedup level that
-makes SIDs collision-free, token strings, code usage, and the analysis / repair of foreign indexes.
+"""Semantic-ID maths in plain numpy / torch (docs/data.md): residual k-means, the dedup level that
+makes SIDs collision-free, token strings, code usage, and the repair of foreign indexes (their checks and
+analysis are in `gti.data.sid_index`).
 
 No Lightning and no file I/O here; the RQ-VAE lives in `gti.indexing.rqvae`, the CLI in `gti.sids`.
 """
@@ -7,19 +8,17 @@ No Lightning and no file I/O here; the RQ-VAE lives in `gti.indexing.rqvae`, the
 from __future__ import annotations
 
 import math
-import re
 import string
-from collections import Counter
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from gti.core.errors import DataError
+from gti.data.dataset import parse_sid_token
+from gti.data.sid_index import analyze_index, code_usage
 
 LETTERS = string.ascii_lowercase
-# Foreign indexes use other prefixes and cases: <a_12>, <A_1>, <x_12>, <item_3>
-ANY_SID_TOKEN = re.compile(r"^<([A-Za-z]+)_(\d+)>$")
 ASSIGN_CHUNK = 65_536  # rows per distance block: keeps (chunk, K) small for 1M-item catalogues
 SINKHORN_EPS = 0.05  # balanced k-means: temperature relative to the mean squared distance
 SINKHORN_ITERS = 20  # per Lloyd iteration (warm-started, so a few suffice)
@@ -204,19 +203,6 @@ def to_tokens(codes: np.ndarray, letters: str = LETTERS) -> list[list[str]]:
 
 
 # ----------------------------------------------------------------------------------------- usage
-def _usage(values: list | np.ndarray, size: int | None) -> dict:
-    counts = np.array(list(Counter(np.asarray(values).tolist()).values()), dtype=np.float64)
-    p = counts / counts.sum()
-    out = {
-        "used": int(len(counts)),
-        "codes": int(size) if size else int(len(counts)),
-        "entropy_bits": round(max(0.0, float(-(p * np.log2(p)).sum())), 4),
-        "max_bucket": int(counts.max()),
-    }
-    out["max_entropy_bits"] = round(math.log2(out["codes"]), 4) if out["codes"] > 0 else 0.0
-    return out
-
-
 def usage_report(codes: np.ndarray, K: int | list[int | None]) -> list[dict]:
     """Per column of `codes` (n, L): codes used (of K), entropy of the code distribution in bits
     (log2 K = perfectly balanced), items on the most popular code. K may be a list with one entry per
@@ -224,75 +210,14 @@ def usage_report(codes: np.ndarray, K: int | list[int | None]) -> list[dict]:
     codes = np.asarray(codes)
     sizes = K if isinstance(K, list) else [K] * codes.shape[1]
     return [
-        {"level": j, "letter": LETTERS[j], **_usage(codes[:, j], sizes[j])} for j in range(codes.shape[1])
+        {"level": j, "letter": LETTERS[j], **code_usage(codes[:, j], sizes[j])} for j in range(codes.shape[1])
     ]
 
 
 # ----------------------------------------------------------------------------------------- foreign indexes
-def parse_token(tok: str) -> tuple[str, int] | None:
-    """'<a_12>' -> ('a', 12); None for anything that is not a SID token."""
-    m = ANY_SID_TOKEN.match(tok)
-    return (m.group(1), int(m.group(2))) if m else None
-
-
-def check_index(index: dict[int, list[str]], where: str, n_items: int | None = None, item_file: str = "item.json") -> None:
-    """Every token looks like <x_12>; with n_items: every item 0..n_items-1 has a SID and no other key
-    appears. Raises DataError naming `where` and the offending key."""
-    for item in sorted(index):
-        for tok in index[item]:
-            if parse_token(tok) is None:
-                raise DataError(f"{where}: item '{item}': token {tok!r} is not a SID token like '<a_12>'")
-    if n_items is None:
-        return
-    extra = sorted(i for i in index if i >= n_items)
-    if extra:
-        raise DataError(f"{where}: key '{extra[0]}' is not an item of {item_file} (items are 0..{n_items - 1})")
-    missing = [i for i in range(n_items) if i not in index]
-    if missing:
-        shown = ", ".join(map(str, missing[:5]))
-        raise DataError(f"{where}: {len(missing)} items of {item_file} have no SID, e.g. items {shown}")
-
-
-def analyze_index(index: dict[int, list[str]]) -> dict:
-    """Shape and collisions of any {item: [tokens]} map (letters, code base, lengths need not be ours).
-
-    collisions: items whose SID equals an earlier item's; prefix_conflicts: items whose whole SID is a
-    strict prefix of another item's (a trie cannot tell where such an item ends).
-    """
-    items = sorted(index)
-    sids = [tuple(index[i]) for i in items]
-    buckets: dict[tuple, list[int]] = {}
-    for item, sid in zip(items, sids, strict=True):
-        buckets.setdefault(sid, []).append(item)
-    shared = [b for b in buckets.values() if len(b) > 1]
-    prefixes = {sid[:k] for sid in set(sids) for k in range(1, len(sid))}
-    conflicts = [i for i, sid in zip(items, sids, strict=True) if sid in prefixes]
-    parsed = [[parse_token(t) for t in sid] for sid in sids]
-    depth = max((len(s) for s in sids), default=0)
-    all_codes = [p[1] for row in parsed for p in row if p]
-    report = {
-        "items": len(items),
-        "unique_sids": len(buckets),
-        "collisions": sum(len(b) - 1 for b in shared),
-        "colliding_items": sum(len(b) for b in shared),
-        "colliding_sids": len(shared),
-        "max_bucket": max((len(b) for b in buckets.values()), default=0),
-        "examples": [{"sid": "".join(index[b[0]]), "items": b[:10], "size": len(b)} for b in sorted(shared, key=len, reverse=True)[:5]],
-        "prefix_conflicts": len(conflicts),
-        "prefix_conflict_example": conflicts[:5],
-        "lengths": {str(k): v for k, v in sorted(Counter(len(s) for s in sids).items())},
-        "code_base": 1 if all_codes and min(all_codes) == 1 else 0,
-        "prefixes_by_position": [sorted({row[j][0] for row in parsed if len(row) > j and row[j]}) for j in range(depth)],
-        "usage": [
-            {"position": j, **_usage([sid[j] for sid in sids if len(sid) > j], None)} for j in range(depth)
-        ],
-    }
-    return report
-
-
 def _new_prefix(index: dict[int, list[str]]) -> str:
     """The letter after the last used one, in its case (a,b,c -> d; A,B -> C); else any unused letter."""
-    used = {p[0] for toks in index.values() for t in toks if (p := parse_token(t))}
+    used = {p[0] for toks in index.values() for t in toks if (p := parse_sid_token(t))}
     singles = sorted(p for p in used if len(p) == 1)
     alphabet = string.ascii_uppercase if singles and all(p.isupper() for p in singles) else LETTERS
     last = max((p for p in singles if p in alphabet), default=None)

@@ -1,4 +1,4 @@
-"""RQ-VAE quantiser (design.md §4; TIGER, Rajput et al. 2023, as used by the GTI paper).
+"""RQ-VAE quantiser (docs/data.md; TIGER, Rajput et al. 2023, as used by the GTI paper).
 
 An MLP encoder maps an item embedding to a `code_dim` vector z; L residual levels each pick the
 nearest of K codes for what the previous levels left over; an MLP decoder rebuilds the embedding

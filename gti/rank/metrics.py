@@ -1,4 +1,4 @@
-"""Top-K recommendation metrics with a single relevant item per example (design.md §7).
+"""Top-K recommendation metrics with a single relevant item per example (docs/evaluation.md).
 
 torchmetrics' RetrievalRecall drops predictions with scores <= 0, and beam scores are log-probs, so
 we keep our own small Metric over *ranks*: the 0-based position of the target in the de-duplicated

@@ -1,8 +1,8 @@
-"""Trie of valid Semantic IDs and trie-constrained beam search (design.md §7).
+"""Trie of valid Semantic IDs, the constraint of the beam search in `gti.rank.beam_search` (docs/evaluation.md).
 
 The trie lives in flat CSR tensors so it scales to 1M items x 5 levels in O(nodes) memory, and every
 query (transition, allowed-token mask) is a handful of vectorised torch ops over all beams at once.
-HF's `prefix_allowed_tokens_fn` calls Python once per beam per step; `TrieLogitsProcessor` does not.
+HF's `prefix_allowed_tokens_fn` calls Python once per beam per step; `gti.testing.TrieLogitsProcessor` does not.
 SIDs are token-id sequences from the tokenizer, never decoded strings.
 """
 

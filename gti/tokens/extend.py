@@ -8,7 +8,7 @@ import torch
 
 from gti.data.dataset import Dataset
 from gti.data.slices import item_texts
-from gti.tokens.vocab import add_tokens, read_tokens_file, resize, set_rows, sid_descriptions, sid_tokens
+from gti.tokens.vocab import add_tokens, is_tied, read_tokens_file, resize, set_rows, sid_descriptions, sid_tokens
 
 
 def extend_model(
@@ -32,9 +32,7 @@ def extend_model(
     base_tokenizer = copy.deepcopy(tokenizer)  # strategies tokenise with the old vocabulary
     n_old = model.get_input_embeddings().weight.shape[0]
     old_input = model.get_input_embeddings().weight.detach().clone()
-    head = model.get_output_embeddings()
-    tied = head is None or head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    old_output = None if tied else head.weight.detach().clone()
+    old_output = None if is_tied(model) else model.get_output_embeddings().weight.detach().clone()
 
     tokens = sid_tokens(ds.index)
     descriptions = sid_descriptions(ds.index, item_texts(ds), tokens)

@@ -1,4 +1,4 @@
-"""Train only the new rows: a small trainable table in front of frozen matrices (design.md §6).
+"""Train only the new rows: a small trainable table in front of frozen matrices (docs/method.md).
 
 The resized embedding / head stay frozen. `NewRowsEmbedding` overlays rows `start .. start+n` of
 the input embedding with a trainable (n, d) table; `NewRowsHead` recomputes the logits of those
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gti.tokens.vocab import is_tied
 
 
 class NewRowsEmbedding(nn.Module):
@@ -60,7 +62,7 @@ def install_overlay(model, start: int, n: int) -> list[nn.Parameter]:
         p.requires_grad_(False)
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    tied = head is None or head.weight.data_ptr() == emb.weight.data_ptr()
+    tied = is_tied(model)
     wrapped_emb = NewRowsEmbedding(emb, start, n)
     model.set_input_embeddings(wrapped_emb)
     params = [wrapped_emb.rows]
@@ -97,13 +99,13 @@ def merge_overlay(model) -> None:
     emb.base.weight[emb.start : emb.start + emb.n] = emb.rows.to(emb.base.weight.dtype)
     model.set_input_embeddings(emb.base)
     if isinstance(head, NewRowsHead):
-        if head.base.weight.data_ptr() != emb.base.weight.data_ptr():
-            head.base.weight[head.start : head.start + head.rows.shape[0]] = head.rows.to(head.base.weight.dtype)
         model.set_output_embeddings(head.base)
+        if not is_tied(model):  # a tied head is the input matrix, written above
+            head.base.weight[head.start : head.start + head.rows.shape[0]] = head.rows.to(head.base.weight.dtype)
 
 
 class FrozenBf16:
-    """bf16 training with a frozen backbone (overlay rows, LoRA): the frozen matrices held in bf16 (design.md §10).
+    """bf16 training with a frozen backbone (overlay rows, LoRA): the frozen matrices held in bf16 (docs/traps.md).
 
     Under bf16-mixed, autocast casts every fp32 weight matrix to bf16 at each forward (its cast cache keeps only
     weights that require grad), so a frozen backbone is re-cast every step; held in bf16 it is cast once, and

@@ -1,4 +1,4 @@
-"""Vocabulary extension: add new tokens without stray spaces, resize without shrinking (design.md §5)."""
+"""Vocabulary extension: add new tokens without stray spaces, resize without shrinking (docs/method.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from transformers import AddedToken
 
 from gti.core.errors import DataError
-from gti.data.dataset import SID_TOKEN
+from gti.data.dataset import parse_sid_token
 
 
 @dataclass
@@ -28,8 +28,10 @@ class NewTokens:
 
 
 def _sid_sort_key(tok: str) -> tuple:
-    m = SID_TOKEN.match(tok)
-    return (0, m.group(1), int(m.group(2))) if m else (1, tok, 0)
+    sid = parse_sid_token(tok)
+    if sid and len(sid[0]) == 1 and sid[0].islower():  # our level letters: by letter, then code
+        return (0, *sid)
+    return (1, tok, 0)  # any other token after them, in text order
 
 
 def sid_tokens(index: dict[int, list[str]]) -> list[str]:
@@ -38,7 +40,7 @@ def sid_tokens(index: dict[int, list[str]]) -> list[str]:
 
 
 def sid_descriptions(index: dict[int, list[str]], texts: dict[int, str], tokens: list[str]) -> list[list[str]]:
-    """For an SID code token: the texts of the items that carry it (design.md §5, `description`)."""
+    """For an SID code token: the texts of the items that carry it (docs/method.md, `description`)."""
     by_token: dict[str, list[str]] = {t: [] for t in tokens}
     for item in sorted(index):
         for t in index[item]:
@@ -104,11 +106,12 @@ def set_rows(model, new: NewTokens, input_rows: torch.Tensor, output_rows: torch
     ids = torch.tensor(new.ids)
     emb = model.get_input_embeddings().weight
     emb[ids] = input_rows.to(emb.dtype)
-    head = model.get_output_embeddings()
-    if head is not None and head.weight.data_ptr() != emb.data_ptr():
+    if not is_tied(model):
+        head = model.get_output_embeddings()
         head.weight[ids] = (output_rows if output_rows is not None else input_rows).to(head.weight.dtype)
 
 
 def is_tied(model) -> bool:
+    """Whether the output head is the input matrix itself (or absent): one set of rows for both."""
     head = model.get_output_embeddings()
     return head is None or head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()

@@ -10,8 +10,8 @@ import torch
 class EpochShuffleSampler(torch.utils.data.Sampler):
     """A shuffle that depends only on (seed, epoch), so a resumed run sees the same order as an
     uninterrupted one (a DataLoader generator would restart from the seed). Lightning calls
-    `set_epoch` (and wraps the sampler for DDP). After a mid-epoch resume, `resume_after` makes the
-    next pass skip the examples of the batches already trained on.
+    `set_epoch` (and wraps the sampler for DDP). After a mid-epoch resume (`resume`, called by
+    ResumableLoader.load_state_dict), the next pass of that epoch skips the batches already trained on.
 
     `lengths` (tokens per row; trainer.group_by_length): each batch holds rows of similar length, so
     little of it is padding (see `group_by_length`). Rows are grouped by optimizer step (`accumulate`
@@ -22,14 +22,19 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
             raise ValueError(f"lengths has {len(lengths)} entries for {n} rows")
         self.n, self.seed, self.batch_size, self.accumulate = n, seed, batch_size, accumulate
         self.lengths = None if lengths is None else torch.as_tensor(lengths)  # (n,), once: lists of 1M ints are slow
-        self.epoch, self.skip_batches = 0, 0
+        self.epoch = 0
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches per rank already trained in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def resume_after(self, checkpoint: dict) -> None:
-        progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]
-        self.skip_batches = progress["processed"]  # batches (per rank) of the interrupted epoch
+    def resume(self, epoch: int, batches: int) -> None:
+        """Continue `epoch` after its first `batches` batches (per rank); a later epoch starts from its beginning."""
+        self.epoch, self.resume_at = epoch, (epoch, batches)
+
+    def batches_to_skip(self) -> int:
+        """Batches the next pass skips: those already trained when it is the interrupted epoch, else none."""
+        return self.resume_at[1] if self.resume_at is not None and self.resume_at[0] == self.epoch else 0
 
     def order(self, epoch: int, world_size: int = 1) -> list[int]:
         """Every index once: the epoch's order for `world_size` ranks, before any resume skip."""
@@ -45,11 +50,22 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         # a unit of `accumulate` such spans is one optimizer step, the same rows as one batch of B*accumulate
         return group_by_length(order, self.lengths, self.batch_size * world_size * self.accumulate, g)
 
+    def positions(self, world_size: int = 1) -> list[int]:
+        """One pass: the epoch's order without the rows of the batches a resume skips (once only).
+
+        Alone, the rest of the order, so the last batch is as short as in the uninterrupted pass. Under DDP,
+        Lightning's DistributedSamplerWrapper reads `len(self)` positions and pads the last ranks by wrapping
+        round to position 0: the skipped rows go to the end, so the wrapper's padding is the uninterrupted
+        pass's padding (the order's first rows), and a rank stops after its remaining batches before reaching them."""
+        skip = self.batches_to_skip() * self.batch_size * world_size
+        self.resume_at = None
+        order = self.order(self.epoch, world_size)
+        return order[skip:] + order[:skip] if world_size > 1 else order[skip:]
+
     def __iter__(self):
         dist = torch.distributed
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        skip, self.skip_batches = self.skip_batches * self.batch_size * world, 0
-        return iter(self.order(self.epoch, world)[skip:])
+        return iter(self.positions(world))
 
     def __len__(self) -> int:
         return self.n
@@ -95,14 +111,44 @@ def padding_summary(sampler: EpochShuffleSampler, lengths) -> str:
     return line + f" -> {padded_share(lengths, sampler.batch_size, sampler.order_tensor(0)):.0%} (batches grouped by length)"
 
 
+class ResumableLoader(torch.utils.data.DataLoader):
+    """A DataLoader over an EpochShuffleSampler that knows where it is in the epoch.
+
+    Lightning's fit loop saves `state_dict()` of every training loader that has one into each checkpoint
+    (FitLoop.on_save_checkpoint, under "combined_loader") and, when a fit restarts from a checkpoint, hands it
+    back to `load_state_dict` before the epoch's first batch is drawn (FitLoop.setup_data). Batches are counted
+    as they leave the loader: with a loader of known length Lightning fetches no batch ahead, so at a checkpoint
+    the count is the batches trained in this epoch, per rank.
+
+    `epoch_sampler` is kept by name: under DDP Lightning rebuilds the loader from its attributes with the sampler
+    wrapped (DistributedSamplerWrapper), and the rebuilt loader must still reach the shuffle."""
+
+    def __init__(self, dataset, epoch_sampler: EpochShuffleSampler, **kwargs):
+        super().__init__(dataset, **{"sampler": epoch_sampler, **kwargs})
+        self.epoch_sampler = epoch_sampler
+        self._batches = 0  # batches of the current epoch that have left the loader
+
+    def __iter__(self):
+        # a generator: nothing runs until the first batch is asked for, after Lightning's set_epoch
+        self._batches = self.epoch_sampler.batches_to_skip()
+        for batch in super().__iter__():
+            self._batches += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch_sampler.epoch, "batches": self._batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch_sampler.resume(state["epoch"], state["batches"])
+
+
 def training_loader(rows, pad_id: int, seed: int, batch_size: int, t) -> tuple:
     """Both stages' training DataLoader over stored rows (gti.train.rows): the resumable shuffle, grouped by length
-    unless trainer.group_by_length=false. Returns (loader, sampler, the start-up line on padding)."""
+    unless trainer.group_by_length=false, by optimizer step (trainer.accumulate_grad_batches).
+    Returns (loader, the start-up line on padding)."""
     from gti.train.rows import collate, row_lengths
 
     lengths = row_lengths(rows)
-    sampler = EpochShuffleSampler(len(rows), seed, batch_size, lengths if t.group_by_length else None)
-    loader = torch.utils.data.DataLoader(
-        rows, batch_size=batch_size, sampler=sampler, num_workers=t.num_workers, collate_fn=partial(collate, pad_id=pad_id)
-    )
-    return loader, sampler, padding_summary(sampler, lengths)
+    sampler = EpochShuffleSampler(len(rows), seed, batch_size, lengths if t.group_by_length else None, t.accumulate_grad_batches)
+    loader = ResumableLoader(rows, sampler, batch_size=batch_size, num_workers=t.num_workers, collate_fn=partial(collate, pad_id=pad_id))
+    return loader, padding_summary(sampler, lengths)

@@ -1,9 +1,10 @@
-"""Stage-1 pieces: the grounding LightningModule and the paired text <-> SID examples (design.md §6)."""
+"""Stage-1 pieces: the grounding LightningModule and the paired text <-> SID examples (docs/method.md)."""
 
 from __future__ import annotations
 
 import lightning as L
 
+from gti.core.log import get_logger
 from gti.data.dataset import Dataset
 from gti.tokens.overlay import FrozenBf16, install_overlay
 from gti.tokens.vocab import NewTokens
@@ -18,12 +19,12 @@ TOKEN_TEMPLATES = {  # for tokens.jsonl entries (domain words, special tokens, a
 
 
 class GroundingModule(L.LightningModule):
-    """Only the overlay tables are parameters the optimiser sees; the LM is frozen (design.md §6)."""
+    """Only the overlay tables are parameters the optimiser sees; the LM is frozen (docs/method.md)."""
 
     def __init__(self, model, new: NewTokens, lr: float, weight_decay: float, warmup_steps: int, full: bool = False,
-                 sampler=None, lean_step: bool = True, compile_step: bool = False):  # fmt: skip
+                 lean_step: bool = True, compile_step: bool = False):  # fmt: skip
         super().__init__()
-        self.model, self.sampler, self.lean_step = model, sampler, lean_step  # lean_step: see lm_training_step
+        self.model, self.lean_step = model, lean_step  # lean_step: see lm_training_step
         self.compile_step = compile_step  # trainer.compile
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         self.lr, self.weight_decay, self.warmup_steps, self.full = lr, weight_decay, warmup_steps, full
@@ -42,15 +43,11 @@ class GroundingModule(L.LightningModule):
     def on_fit_end(self):
         self.frozen_bf16.exact()  # the saved model is the base weights + trained rows, bit for bit
 
-    def on_load_checkpoint(self, checkpoint):
-        if self.sampler is not None:  # mid-epoch resume: continue with the batches not yet seen
-            self.sampler.resume_after(checkpoint)
-
     def training_step(self, batch, batch_idx):
         return lm_training_step(self, batch)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP-aware (gti/setup.py)
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP-aware (gti.train.trainer)
 
     def configure_optimizers(self):
         return adamw_with_warmup(self.parameters(), self.lr, self.weight_decay, self.warmup_steps)
@@ -83,14 +80,14 @@ def grounding_specs(ds: Dataset, new: NewTokens, templates: list[str]) -> list[t
 def grounding_examples(
     ds: Dataset, new: NewTokens, fmt: PromptFormatter, templates: list[str], max_length: int, stage: str = "gti.ground"
 ) -> list[Encoded]:
-    # rows too long lose free text (description, then title), never their SID or token (design.md §10)
+    # rows too long lose free text (description, then title), never their SID or token (docs/traps.md)
     rows, shortened = fmt.encode_many(grounding_specs(ds, new, templates), max_length)
-    print(shortened_note(stage, shortened, len(rows), max_length))
+    get_logger(stage.removeprefix("gti.")).info(shortened_note(shortened, len(rows), max_length))  # [gti.ground] ...
     return rows
 
 
-def shortened_note(stage: str, shortened: int, total: int, max_length: int) -> str:
+def shortened_note(shortened: int, total: int, max_length: int) -> str:
     return (
-        f"[{stage}] {shortened} of {total} grounding rows shortened to fit max_length={max_length} "
+        f"{shortened} of {total} grounding rows shortened to fit max_length={max_length} "
         "(description/title trimmed); every row keeps its SID, chat frame and EOS"
     )

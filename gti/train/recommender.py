@@ -1,4 +1,4 @@
-"""Stage-2 pieces: the recommender LightningModule, prompts, evaluation batches (design.md §7)."""
+"""Stage-2 pieces: the recommender LightningModule, prompts, evaluation batches (docs/evaluation.md)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from gti.train.trainer import adamw_with_warmup
 
 @contextlib.contextmanager
 def ranking_precision(model, precision: str):
-    """Run the ranking forwards in `precision`, whatever trainer.precision set up (design.md §10).
+    """Run the ranking forwards in `precision`, whatever trainer.precision set up (docs/traps.md).
 
     Lightning runs validation_step / test_step under the training precision: bf16 autocast (bf16-mixed),
     or bf16 weights with bf16 as torch's default dtype (bf16-true). bf16 logits move an SID's score by
@@ -58,9 +58,9 @@ def _cast(params: dict, dtypes: dict) -> None:
 
 
 class RecommenderModule(L.LightningModule):
-    def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig, sampler=None):
+    def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig):
         super().__init__()
-        self.model, self.tokenizer, self.trie, self.cfg, self.sampler = model, tokenizer, trie, cfg, sampler
+        self.model, self.tokenizer, self.trie, self.cfg = model, tokenizer, trie, cfg
         self.lean_step, self.compile_step = cfg.trainer.lean_step, cfg.trainer.compile  # see lm_training_step, start_fit
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         ks = tuple(cfg.eval.ks)
@@ -85,10 +85,6 @@ class RecommenderModule(L.LightningModule):
 
     def on_fit_end(self):
         self.frozen_bf16.exact()
-
-    def on_load_checkpoint(self, checkpoint):
-        if self.sampler is not None:  # mid-epoch resume: continue with the batches not yet seen
-            self.sampler.resume_after(checkpoint)
 
     def training_step(self, batch, batch_idx):
         return lm_training_step(self, batch)
@@ -184,4 +180,23 @@ def gather_predictions(local: list[dict]) -> list[dict]:
         if r["index"] not in seen:
             seen.add(r["index"])
             out.append(r)
+    return out
+
+
+def baselines(ds: Dataset, train_inter: dict, examples: list[Example], ks: list[int], seed: int) -> dict:
+    """Most-popular and random item lists scored by the same metric code."""
+    from gti.rank.metrics import popularity_ranking, random_ranking
+
+    out = {}
+    k = max(ks)
+    pop = popularity_ranking(train_inter, k)
+    gen = torch.Generator().manual_seed(seed)
+    for name in ("popularity", "random"):
+        m = RankingMetrics(tuple(ks), sync_on_compute=False)  # computed on rank 0 only
+        ranks = []
+        for ex in examples:
+            items = pop if name == "popularity" else random_ranking(ds.num_items, k, gen)
+            ranks.append(rank_of(ex.target, items))
+        m.update(torch.tensor([ex.index for ex in examples]), torch.tensor(ranks))
+        out[name] = {k2: float(v) for k2, v in m.compute().items()}
     return out

@@ -13,7 +13,7 @@ FULL_LOSS_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "o
 
 def lean_lm_loss(model, batch: dict, decoder=None) -> torch.Tensor:
     """HF's causal-LM loss (transformers' ForCausalLMLoss: fp32 cross-entropy, mean over labelled
-    tokens) with the LM head applied only where a label is read (design.md §10). Works for a plain
+    tokens) with the LM head applied only where a label is read (docs/traps.md). Works for a plain
     HF model, a peft-wrapped one and the overlay's NewRowsHead (tied or untied). `decoder`: the
     model's decoder forward compiled (trainer.compile), else the decoder itself."""
     labels = batch["labels"]
@@ -51,15 +51,13 @@ def compile_training_forward(module) -> None:
 
 def start_fit(module) -> None:
     """Both LightningModules' setup("fit"): a frozen backbone held in bf16 under bf16 precision (gti.tokens.overlay.FrozenBf16),
-    the sampler's rows grouped by optimizer step, the training forward compiled (trainer.compile)."""
+    the training forward compiled (trainer.compile)."""
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
     strategy = module.trainer.strategy
     # sharded strategies (FSDP, DeepSpeed) cast in their own gather and want one dtype per flat parameter
     if isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy):
         module.frozen_bf16.hold(module.trainer.precision)  # a no-op for full fine-tuning and non-bf16 runs
-    if module.sampler is not None:
-        module.sampler.accumulate = module.trainer.accumulate_grad_batches
     if module.compile_step:
         compile_training_forward(module)
 

@@ -1,6 +1,6 @@
 """Prompt templates and response-only tokenisation.
 
-Grounding (GTI paper §3, design.md §6): six paired tasks in both directions between item text and
+Grounding (GTI paper §3, docs/method.md): six paired tasks in both directions between item text and
 SID. Recommendation (paper §4): three phrasings of "history SIDs -> next SID". A template is a
 (prompt, response) pair of format strings over {title}, {description}, {sid}, {history}. With a
 chat template the prompt becomes a user turn and the response the assistant turn.
@@ -78,7 +78,7 @@ class PromptFormatter:
         return self.tok(self.prompt_text(prompt), add_special_tokens=False)["input_ids"]
 
     def encode(self, prompt: str, response: str, max_length: int) -> Encoded:
-        """Never cuts: cutting a prompt's head drops SIDs and the chat frame (design.md §10). Rows
+        """Never cuts: cutting a prompt's head drops SIDs and the chat frame (docs/traps.md). Rows
         with free text go through encode_fields, which shortens that text to fit."""
         enc = self._encode(prompt, response)
         if len(enc.input_ids) > max_length:

@@ -10,6 +10,7 @@ import torch
 
 from gti import STARTED
 from gti.core.config import TrainerConfig
+from gti.core.log import get_logger
 from gti.train.step import stop_if_diverged
 
 
@@ -17,12 +18,15 @@ def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int)
     """AdamW + linear warm-up, in Lightning's `configure_optimizers` format (stepped per batch)."""
     opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=weight_decay)
     warm = max(warmup_steps, 0)
+    # not transformers' get_constant_schedule_with_warmup: its factor is s / warm, so the first step runs at LR 0;
+    # ours is (s + 1) / warm, the first step already learns and step warm - 1 reaches the full LR
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def set_threads(t: TrainerConfig) -> None:
-    """trainer.threads > 0: torch's CPU threads for this process (several runs sharing one machine, design.md §10)."""
+    """trainer.threads > 0: torch's CPU threads for this process (several runs sharing one machine: torch's
+    default of one thread per core oversubscribes it)."""
     if t.threads > 0:
         torch.set_num_threads(t.threads)
 
@@ -47,7 +51,8 @@ def report_first_step(trainer) -> None:
     global _first_step_reported
     if not _first_step_reported and trainer.is_global_zero:
         _first_step_reported = True
-        print(f"[gti] first training step began after {process_age():.1f}s", flush=True)
+        # the "gti" logger itself: the line reads "[gti] first training step ..."
+        get_logger("train").parent.info("first training step began after %.1fs", process_age())
 
 
 def unshard(trainer, module) -> None:
@@ -83,7 +88,7 @@ def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: lis
     set_threads(t)
     strategy = t.strategy
     if strategy == "auto" and (t.devices > 1 or t.num_nodes > 1):
-        strategy = "ddp"  # multi-GPU is one line (style.md §11)
+        strategy = "ddp"  # multi-GPU is one line
     ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=t.checkpoint_every or None)
     # validation during fit: a fraction of each epoch, or every N training batches counted across epochs
     every_n = t.val_check_interval > 1

@@ -33,7 +33,10 @@ from tqdm.auto import tqdm
 
 from gti.core.config import PrepareConfig
 from gti.core.errors import ConfigError, DataError
+from gti.core.log import get_logger
 from gti.data.importers import Raw
+
+log = get_logger("prepare")
 
 TAG = re.compile(r"<[^>]+>")
 SPACE = re.compile(r"\s+")
@@ -208,8 +211,8 @@ def read_meta(path: Path, key: str, to_item: Callable[[dict], dict | None], want
             items[k] = item
             untitled.discard(k)
     missing = len(wanted - items.keys() - untitled) if wanted is not None else 0
-    print(
-        f"[gti.prepare] {path.name}: {len(items)} items with a title; dropped {len(untitled)} without a title"
+    log.info(
+        f"{path.name}: {len(items)} items with a title; dropped {len(untitled)} without a title"
         + (f" and {missing} with no metadata record" if missing else "")
     )
     return items

