@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import sys
 
-from gti.core.config import load_config
 from gti.experiments.benchmark import BenchmarkConfig, run
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.core.cli import exit_on_help, guarded
+    from gti.core.cli import run_command
 
-    exit_on_help(argv, __doc__, BenchmarkConfig)
-    cfg = guarded(lambda: load_config(BenchmarkConfig, argv))
-    guarded(lambda: run(cfg))
+    run_command(argv, __doc__, BenchmarkConfig, run)
 
 
 if __name__ == "__main__":

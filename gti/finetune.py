@@ -13,19 +13,20 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from gti.core.config import FinetuneConfig, eval_problems, load_config, to_yaml
+from gti.core.config import FinetuneConfig, eval_problems
 from gti.core.errors import ConfigError
 
 
 def run(cfg: FinetuneConfig) -> Path:
-    problems = eval_problems(cfg.eval)
+    from gti.tokens.init_strategies import init_problems
+
+    problems = eval_problems(cfg.eval) + ([] if cfg.init_from else init_problems(cfg.init, cfg.init_options))
     if problems:
         raise ConfigError.listing(problems)
     from torch.utils.data import DataLoader
 
     from gti.analysis.report import diagnose_rows, public
     from gti.core.io import write_json, write_jsonl
-    from gti.core.runs import run_metadata
     from gti.data.dataset import leave_one_out
     from gti.indexing.ensure import ensure_dataset
     from gti.rank.trie import SidTrie
@@ -33,15 +34,17 @@ def run(cfg: FinetuneConfig) -> Path:
     from gti.train.lora import apply_lora, merge_lora
     from gti.train.recommender import RecommenderModule, baselines, check_prompt_lengths, gather_predictions
     from gti.train.rows import collate, eval_rows, rec_train_rows
-    from gti.train.stage import Stage, load_stage1
+    from gti.train.stage import Stage, load_stage1, run_metadata
     from gti.train.templates import PromptFormatter
 
     stage = Stage("finetune", cfg)
     if cfg.init_from:
-        model, tokenizer, ds, new, _ = load_stage1(cfg)
+        model, tokenizer, ds, new, stage1 = load_stage1(cfg)
+        init = stage1["init"]  # the grounded rows' starting point; cfg.init is not used with init_from
     else:
         ds = ensure_dataset(cfg.data, cfg.sids)
         model, tokenizer, new = extend_model(cfg.model, ds, cfg.init, cfg.init_options, None, cfg.seed)
+        init = cfg.init
     work = stage.start()
 
     splits = leave_one_out(ds.inter, cfg.data.max_history, train=False)  # training rows: gti.train.rows, cached
@@ -92,7 +95,7 @@ def run(cfg: FinetuneConfig) -> Path:
     diag = diagnose_rows(model, tokenizer, new, ds, work, "finetuned")
     write_json(work / "metrics.json", metrics)
     write_jsonl(work / "predictions.jsonl", sorted(preds, key=lambda p: p["index"]))
-    meta = run_metadata("finetune", cfg, ds, new, init_from=cfg.init_from, metrics=metrics, diagnostics=public(diag))
+    meta = run_metadata("finetune", cfg, ds, new, init=init, init_from=cfg.init_from, metrics=metrics, diagnostics=public(diag))
     return stage.finish(model, tokenizer, meta, report=(
         "test: " + ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "@" in k),
         "popularity: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["baselines"]["test"]["popularity"].items() if "@" in k),
@@ -100,13 +103,9 @@ def run(cfg: FinetuneConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.core.cli import exit_on_help, guarded
-    from gti.core.log import get_logger
+    from gti.core.cli import run_command
 
-    exit_on_help(argv, __doc__, FinetuneConfig)
-    cfg = guarded(lambda: load_config(FinetuneConfig, argv))
-    get_logger("finetune").info("config:\n%s", to_yaml(cfg).rstrip())
-    guarded(lambda: run(cfg))
+    run_command(argv, __doc__, FinetuneConfig, run, log_as="finetune")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gti.core.config import GroundConfig, load_config, to_yaml
+from gti.core.config import GroundConfig
 from gti.core.errors import ConfigError
 
 
@@ -23,10 +23,9 @@ def validate(cfg: GroundConfig) -> None:
         problems.append(f"tokens_file: {cfg.tokens_file} not found")
     if cfg.optim.batch_size < 1 or cfg.max_length < 8:
         problems.append("optim.batch_size must be >= 1 and max_length >= 8")
-    from gti.tokens.init_strategies import STRATEGIES
+    from gti.tokens.init_strategies import init_problems
 
-    if cfg.init not in STRATEGIES:
-        problems.append(f"init: unknown strategy '{cfg.init}' (known: {', '.join(STRATEGIES)})")
+    problems += init_problems(cfg.init, cfg.init_options)
     if problems:
         raise ConfigError.listing(problems)
 
@@ -35,14 +34,14 @@ def run(cfg: GroundConfig) -> Path:
     import torch
 
     from gti.analysis.report import diagnose_rows, public
-    from gti.core.runs import global_rank, run_metadata
+    from gti.core.runs import global_rank
     from gti.indexing.ensure import ensure_dataset
     from gti.tokens.extend import extend_model
     from gti.tokens.overlay import merge_overlay, overlay_rows
     from gti.train import trainer as trainers
     from gti.train.grounding import GroundingModule
     from gti.train.rows import grounding_rows
-    from gti.train.stage import Stage
+    from gti.train.stage import Stage, run_metadata
     from gti.train.templates import PromptFormatter
 
     validate(cfg)
@@ -100,13 +99,9 @@ def _last_loss(trainer) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.core.cli import exit_on_help, guarded
-    from gti.core.log import get_logger
+    from gti.core.cli import run_command
 
-    exit_on_help(argv, __doc__, GroundConfig)
-    cfg = guarded(lambda: load_config(GroundConfig, argv))
-    get_logger("ground").info("config:\n%s", to_yaml(cfg).rstrip())
-    guarded(lambda: run(cfg))
+    run_command(argv, __doc__, GroundConfig, run, log_as="ground")
 
 
 if __name__ == "__main__":

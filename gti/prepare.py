@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import sys
 
-from gti.core.config import PrepareConfig, load_config
+from gti.core.config import PrepareConfig
 from gti.data.convert import run
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.core.cli import exit_on_help, guarded
+    from gti.core.cli import run_command
 
-    exit_on_help(argv, __doc__, PrepareConfig)
-    guarded(lambda: run(load_config(PrepareConfig, argv)))
+    run_command(argv, __doc__, PrepareConfig, run)
 
 
 if __name__ == "__main__":

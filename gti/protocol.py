@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import sys
 
-from gti.core.config import load_config
 from gti.experiments.protocol import ProtocolConfig, run
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.core.cli import exit_on_help, guarded
+    from gti.core.cli import run_command
 
-    exit_on_help(argv, __doc__, ProtocolConfig)
-    guarded(lambda: run(load_config(ProtocolConfig, argv)))
+    run_command(argv, __doc__, ProtocolConfig, run)
 
 
 if __name__ == "__main__":

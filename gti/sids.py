@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import sys
 
-from gti.core.config import SidsConfig, load_config
+from gti.core.config import SidsConfig
 from gti.indexing.build import run
 
 
 def main(argv: list[str] | None = None) -> None:
-    from gti.core.cli import exit_on_help, guarded
+    from gti.core.cli import run_command
 
-    exit_on_help(argv, __doc__, SidsConfig)
-    guarded(lambda: run(load_config(SidsConfig, argv)))
+    run_command(argv, __doc__, SidsConfig, run)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,15 @@ def test_unknown_template_and_strategy_listed_together(tmp_path, tiny_model_dir)
     with pytest.raises(ConfigError) as e:
         run(ground_cfg(tmp_path, tiny_model_dir, init="nope", ground=GroundStageConfig(templates=["title2sid", "bad"])))
     assert "unknown template 'bad'" in str(e.value) and "unknown strategy 'nope'" in str(e.value)
+
+
+def test_misspelt_init_option_is_named_before_any_compute(tmp_path, tiny_model_dir):
+    from gti.finetune import run as finetune
+    from gti.ground import run
+
+    with pytest.raises(ConfigError, match=r"init_options.temprature: unknown option; did you mean 'temperature'\?"):
+        run(ground_cfg(tmp_path, tiny_model_dir, init="topk", init_options={"temprature": 0.1}))
+    cfg = FinetuneConfig(model=tiny_model_dir, output_dir=str(tmp_path / "f"), init="topk", init_options={"kk": 4})
+    with pytest.raises(ConfigError, match=r"init_options.kk: unknown option; did you mean 'k'\?"):
+        finetune(cfg)
+    assert not (tmp_path / "f.partial").exists() and not (tmp_path / "g.partial").exists()

@@ -53,12 +53,14 @@ def test_ground_then_finetune(tmp_path, ground_run):
 
     cfg = FinetuneConfig(
         init_from=str(out),
+        init="random",  # not used with init_from: the grounded rows' starting point is what gti.json records
         optim=OptimConfig(lr=1e-3, batch_size=8),
         trainer=tiny_trainer(4),
         eval=EvalConfig(num_beams=10, ks=[1, 5, 10], batch_size=4),
         output_dir=str(tmp_path / "ft"),
     )
     ft = finetune(cfg)
+    assert json.loads((ft / "gti.json").read_text())["init"] == meta["init"] == "mean"
     metrics = json.loads((ft / "metrics.json").read_text())
     assert metrics["test"]["count"] == 9  # every test user once
     for split in ("valid", "test"):

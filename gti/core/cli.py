@@ -35,6 +35,19 @@ def guarded(fn: Callable[[], Any]) -> Any:
         raise SystemExit(2) from None
 
 
+def run_command(argv: Sequence[str] | None, doc: str | None, schema: type, run: Callable[[Any], Any], log_as: str = "") -> Any:
+    """A command's main(): `--help`, the config parsed and checked (every problem at once), logged as
+    `[gti.<log_as>] config:` when `log_as` is given, then `run(cfg)`; user errors print one message and exit 2."""
+    from gti.core.config import load_config, to_yaml
+    from gti.core.log import get_logger
+
+    exit_on_help(argv, doc, schema)
+    cfg = guarded(lambda: load_config(schema, None if argv is None else list(argv)))
+    if log_as:
+        get_logger(log_as).info("config:\n%s", to_yaml(cfg).rstrip())
+    return guarded(lambda: run(cfg))
+
+
 def exit_on_help(argv: Sequence[str] | None, doc: str | None, schema: type | None = None) -> None:
     """`-h` / `--help` among the arguments (None: the command line): print the help and exit 0.
     Each command's main() calls it first: `exit_on_help(argv, __doc__, GroundConfig)`."""

@@ -12,14 +12,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from gti.core.config import to_dict, to_yaml
+from gti.core.config import to_yaml
 from gti.core.errors import ConfigError
-from gti.core.io import atomic_write_text, file_sha256, replace_dir, write_json
+from gti.core.io import atomic_write_text, replace_dir, write_json
 from gti.core.log import global_rank
 
 if TYPE_CHECKING:  # annotations only: run folders sit below the layers that define these
-    from gti.data.dataset import Dataset
-    from gti.tokens.vocab import NewTokens
+    pass
 
 SCHEMA_VERSION = 1
 
@@ -45,23 +44,6 @@ def peak_memory_mb() -> dict:
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
-
-
-def run_metadata(stage: str, cfg, ds: Dataset, new: NewTokens, **extra) -> dict:
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "stage": stage,
-        "base_model": cfg.model,
-        "dataset": {"name": ds.name, "root": str(ds.root), "inter_sha256": file_sha256(ds.path("inter"))},
-        "sid_index": {"path": str(ds.path("index")), "sha256": file_sha256(ds.path("index"))},
-        "new_tokens": {"start": new.start, "count": len(new), "tokens": new.tokens},
-        "init": cfg.init,
-        "seed": cfg.seed,
-        "versions": versions(),
-        "config": to_dict(cfg),
-        "cost": peak_memory_mb(),
-        **extra,
-    }
 
 
 @dataclass
@@ -110,7 +92,7 @@ def write_metadata(folder: Path, meta: dict) -> None:
 
 @dataclass(frozen=True)
 class Run:
-    """A finished run folder as its `gti.json` describes it (see `run_metadata` for what is written)."""
+    """A finished run folder as its `gti.json` describes it (gti.train.stage.run_metadata says what is written)."""
 
     folder: Path
     meta: dict

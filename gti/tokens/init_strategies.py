@@ -24,6 +24,7 @@ forwards, 32), vocab_batch_size (topk-hidden vocabulary forwards, 4096).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 
 import torch
@@ -184,10 +185,20 @@ STRATEGIES: dict[str, Callable[[InitContext, torch.Tensor], torch.Tensor]] = {
 }
 
 
+def init_problems(name: str, options: dict) -> list[str]:
+    """What is wrong with `init` / `init_options`, found before any compute (a misspelt option would be ignored)."""
+    problems = [] if name in STRATEGIES else [f"init: unknown strategy '{name}' (known: {', '.join(STRATEGIES)})"]
+    for key in sorted(set(options) - KNOWN_OPTIONS - {"dictionary"}):
+        close = difflib.get_close_matches(key, KNOWN_OPTIONS | {"dictionary"}, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f" (known: {', '.join(sorted(KNOWN_OPTIONS | {'dictionary'}))})"
+        problems.append(f"init_options.{key}: unknown option{hint}")
+    return problems
+
+
 def initialize_rows(name: str, ctx: InitContext) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(new input rows (n_new, d), new output rows (n_new, d) or None when the head is tied)."""
-    if name not in STRATEGIES:
-        raise ConfigError(f"init: unknown strategy {name!r}; known: {', '.join(STRATEGIES)}")
+    if problems := init_problems(name, ctx.options):
+        raise ConfigError.listing(problems)
     if ctx.old_output is not None and ctx.old_output.shape != ctx.old_input.shape:
         raise ConfigError(f"init: old_output {tuple(ctx.old_output.shape)} and old_input {tuple(ctx.old_input.shape)} differ")
     fn = STRATEGIES[name]

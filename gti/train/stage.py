@@ -15,9 +15,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from gti.core.config import to_dict
 from gti.core.errors import ConfigError
+from gti.core.io import file_sha256
 from gti.core.log import get_logger
-from gti.core.runs import RunDir, read_run, save_hf, write_metadata
+from gti.core.runs import SCHEMA_VERSION, RunDir, peak_memory_mb, read_run, save_hf, versions, write_metadata
 
 
 class Stage:
@@ -101,3 +103,22 @@ def load_stage1(cfg):
     if len(tokenizer) != nt["start"] + nt["count"] or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ConfigError(f"{run.model_dir}: tokenizer size {len(tokenizer)} does not match gti.json / embedding rows")
     return model, tokenizer, ds, NewTokens(nt["tokens"], nt["start"], [[] for _ in nt["tokens"]]), meta
+
+
+def run_metadata(stage: str, cfg, ds, new, **extra) -> dict:
+    """What gti.json records: the base model, the dataset and SID index (with hashes), the new tokens, the config,
+    versions and cost; `extra` adds the stage's own results."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "stage": stage,
+        "base_model": cfg.model,
+        "dataset": {"name": ds.name, "root": str(ds.root), "inter_sha256": file_sha256(ds.path("inter"))},
+        "sid_index": {"path": str(ds.path("index")), "sha256": file_sha256(ds.path("index"))},
+        "new_tokens": {"start": new.start, "count": len(new), "tokens": new.tokens},
+        "init": cfg.init,
+        "seed": cfg.seed,
+        "versions": versions(),
+        "config": to_dict(cfg),
+        "cost": peak_memory_mb(),
+        **extra,
+    }
