@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     exit_on_help(argv, __doc__)
     if len(argv) != 1:
-        raise SystemExit("usage: python -m gti.diagnose RUN_DIR")
+        print("error: usage: python -m gti.diagnose RUN_DIR (a finished gti.ground or gti.finetune folder)", file=sys.stderr)
+        raise SystemExit(2)
 
     def go():
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -13,7 +13,7 @@ A second run with the same inputs (item texts, encoder, quantiser settings) is s
 An index on disk is never replaced silently (docs/traps.md): runs grounded on it record its hash.
 Other quantiser settings than the report records are an error naming each setting (on disk vs
 requested) unless force=true; changed item texts or outputs that differ from the report are rebuilt.
-The stages (gti.ground / gti.finetune, via `gti.train.trainer.ensure_dataset`) build a missing index, use a
+The stages (gti.ground / gti.finetune, via `gti.indexing.ensure.ensure_dataset`) build a missing index, use a
 matching, imported or unreported one, and stop with a message for any other (only sids.force=true
 rebuilds). The full table is in gti/indexing/guard.py.
 

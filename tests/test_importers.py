@@ -13,7 +13,7 @@ import pytest
 from gti.core.config import PrepareConfig
 from gti.core.errors import ConfigError, DataError
 from gti.data.convert import run
-from gti.data.importers.amazon import clean_text, parse_record
+from gti.data.importers.files import clean_text, parse_record
 from gti.data.importers.minionerec import chain_windows
 
 USERS = [f"U{u}" for u in range(6)]

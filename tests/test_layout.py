@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "gti"
-COMMANDS = ("prepare", "sids", "ground", "finetune", "diagnose", "benchmark", "protocol", "__main__")
+COMMANDS = ("prepare", "sids", "ground", "finetune", "diagnose", "benchmark", "protocol", "sasrec", "__main__")
 # low -> high; a layer may import itself and any layer listed before it
 LAYERS = ["core", "data", "indexing", "tokens", "rank", "analysis", "train", "experiments", "testing", "commands"]
 MAX_LINES = 360
@@ -42,7 +42,12 @@ def gti_imports(path: Path, package: Path = PACKAGE) -> set[str]:
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.startswith("gti"):
             found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names if (package.parent / f"{node.module}.{a.name}".replace(".", "/")).is_dir())
+            for a in node.names:  # `from gti import ground`, `from gti.train import stage`: a module, not a name
+                target = package.parent / f"{node.module}.{a.name}".replace(".", "/")
+                if target.is_dir() or target.with_suffix(".py").is_file():
+                    found.add(f"{node.module}.{a.name}")
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            pytest.fail(f"{path}: relative import (line {node.lineno}); gti imports by absolute name")
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.startswith("gti"))
     return found
@@ -112,4 +117,8 @@ def test_the_layering_check_catches_an_upward_import(tmp_path):
     (package / "train").mkdir()
     (package / "train" / "trainer.py").write_text("def make_trainer():\n    pass\n")
     (package / "core" / "probe.py").write_text("def f():\n    from gti.train.trainer import make_trainer\n")
-    assert upward_imports(package) == ["gti.core.probe (core) imports gti.train.trainer (train)"]
+    (package / "ground.py").write_text("")
+    (package / "data").mkdir()
+    (package / "data" / "probe.py").write_text("from gti import ground\n")
+    assert sorted(upward_imports(package)) == ["gti.core.probe (core) imports gti.train.trainer (train)",
+                                               "gti.data.probe (data) imports gti.ground (commands)"]  # fmt: skip

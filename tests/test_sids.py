@@ -182,7 +182,7 @@ def test_bad_config_reports_every_problem(tmp_path):
     with pytest.raises(ConfigError) as e:
         run(cfg_for(tmp_path, quantizer="pq", codes=1, kmeans_iters=0))
     assert all(k in str(e.value) for k in ("quantizer='pq'", "codes=1", "kmeans_iters=0"))
-    with pytest.raises(ConfigError, match="no dataset"):
+    with pytest.raises(ConfigError, match=r"nope.inter.json not found; run `python -m gti.prepare`"):
         run(cfg_for(tmp_path, name="nope"))
     with pytest.raises(SystemExit) as exit_:
         main([f"data.root={tmp_path}", "codez=3"])

@@ -6,12 +6,11 @@ Plain torch/scipy/matplotlib (Agg, no pyplot state); `gti.diagnose` applies it t
 from __future__ import annotations
 
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from gti.core.io import save_figure
 from gti.data.dataset import parse_sid_token
 
 
@@ -179,18 +178,6 @@ def _figure(figsize):
     return fig
 
 
-def _save(fig, path: str | os.PathLike) -> None:
-    """Write the PNG under a temporary name in the same folder, then rename: never a half-written plot."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def plot_spectrum(matrices: dict[str, torch.Tensor], path) -> None:
     """Centred singular values / largest, one line per matrix, log scale.
 
@@ -210,7 +197,7 @@ def plot_spectrum(matrices: dict[str, torch.Tensor], path) -> None:
     ax.set_title("spectrum of the new-token rows")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _heatmap(ax, E: torch.Tensor, order: list[int], title: str):
@@ -229,7 +216,7 @@ def plot_cosine_map(E: torch.Tensor, order: list[int], path, title: str = "cosin
     im = _heatmap(ax, E, order, title)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_cosine_maps(matrices: dict[str, torch.Tensor], path, order: list[int] | None = None) -> None:
@@ -242,4 +229,4 @@ def plot_cosine_maps(matrices: dict[str, torch.Tensor], path, order: list[int] |
         im = _heatmap(ax, E, order if order is not None else list(range(E.shape[0])), name)
     if im is not None:
         fig.colorbar(im, ax=list(axes), fraction=0.02)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -52,7 +52,10 @@ def exit_on_help(argv: Sequence[str] | None, doc: str | None, schema: type | Non
     """`-h` / `--help` among the arguments (None: the command line): print the help and exit 0.
     Each command's main() calls it first: `exit_on_help(argv, __doc__, GroundConfig)`."""
     if any(a in HELP_FLAGS for a in (sys.argv[1:] if argv is None else argv)):
-        print(help_text(doc, schema))
+        try:
+            print(help_text(doc, schema))
+        except BrokenPipeError:  # `--help | head`: the reader left, nothing to report
+            sys.stdout = None
         raise SystemExit(0)
 
 

@@ -34,6 +34,12 @@ def _atomic_file(path: Path, mode: str) -> Iterator:
         raise
 
 
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """A matplotlib figure written as PNG under a temporary name, then renamed: never a half-written plot."""
+    with _atomic_file(Path(path), "wb") as f:
+        fig.savefig(f, dpi=dpi, format="png")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with _atomic_file(Path(path), "w") as f:
         f.write(text)

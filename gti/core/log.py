@@ -17,8 +17,11 @@ ROOT = "gti"
 
 
 def global_rank() -> int:
-    """This process's rank before or without a Trainer: Lightning's launchers, torchrun and SLURM set these."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+    """This process's rank before or without a Trainer: Lightning's launchers, torchrun and SLURM set these.
+
+    Read in Lightning's order (lightning.fabric.utilities.rank_zero._get_rank): LOCAL_RANK before SLURM_PROCID,
+    because processes that Lightning starts inside an interactive SLURM allocation inherit SLURM_PROCID=0."""
+    for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         if var in os.environ:
             return int(os.environ[var])
     return 0
@@ -64,3 +67,12 @@ def get_logger(command: str = "") -> logging.Logger:
     Without a name: the package's own logger, for what belongs to no command (`[gti] ...`)."""
     _configure()
     return logging.getLogger(f"{ROOT}.{command}" if command else ROOT)
+
+
+def quiet_other_ranks() -> None:
+    """Progress bars (tqdm's, `datasets`' map) off in every process but global rank 0, so a DDP run draws each once."""
+    if global_rank() != 0:
+        os.environ["TQDM_DISABLE"] = "1"  # read by tqdm >= 4.66 when a bar is created
+        import datasets
+
+        datasets.disable_progress_bars()

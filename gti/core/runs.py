@@ -8,7 +8,6 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,22 +16,17 @@ from gti.core.errors import ConfigError
 from gti.core.io import atomic_write_text, replace_dir, write_json
 from gti.core.log import global_rank
 
-if TYPE_CHECKING:  # annotations only: run folders sit below the layers that define these
-    pass
-
 SCHEMA_VERSION = 1
 
 
-def versions() -> dict:
-    import lightning
-    import transformers
+def versions(packages: tuple[str, ...] = ("torch", "transformers", "lightning")) -> dict:
+    """gti, python, the installed versions of `packages` (read from their metadata, nothing imported) and the platform."""
+    from importlib import metadata
 
     return {
         "gti": __import__("gti").__version__,
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lightning": lightning.__version__,
+        **{name: metadata.version(name) for name in packages},
         "platform": platform.platform(),
     }
 

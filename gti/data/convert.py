@@ -67,3 +67,16 @@ def run(cfg: PrepareConfig) -> Path:
         f"{stats['interactions']} interactions after {cfg.kcore}-core -> {out}"
     )
     return out
+
+
+PACKAGED = ("ml-100k", "ml-1m")  # shipped inside installed packages: prepared on first use
+
+
+def ensure_prepared(name: str, root: str) -> None:
+    """data/NAME exists afterwards: the packaged MovieLens sets are prepared on demand, any other dataset must have
+    been prepared with `python -m gti.prepare` (ConfigError naming the missing file)."""
+    if dataset_file(root, name, "inter").is_file():
+        return
+    if name not in PACKAGED:
+        raise ConfigError(f"data.name={name}: {dataset_file(root, name, 'inter')} not found; run `python -m gti.prepare` for it first")
+    run(PrepareConfig(dataset=name, root=root))

@@ -7,16 +7,17 @@ import contextlib
 import datetime
 import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from gti.core.config import PrepareConfig, SidsConfig
+from gti.core.config import SidsConfig
 from gti.core.errors import ConfigError, DataError
 from gti.core.io import file_sha256, save_npy, text_sha256, write_json
 from gti.core.log import get_logger
+from gti.core.runs import versions
+from gti.data.convert import ensure_prepared
 from gti.data.dataset import dataset_dir, dataset_file, item_text, read_index, read_items
 from gti.data.sid_index import analyze_index, check_index
 from gti.indexing.embed import embeddings, encoder_tag
@@ -32,7 +33,6 @@ from gti.indexing.quantize import (
 )
 
 SCHEMA_VERSION = 1
-PACKAGED = ("ml-100k", "ml-1m")  # prepared on demand
 QUANTIZERS = ("rqkmeans", "rqvae")
 log = get_logger("sids")
 
@@ -81,14 +81,7 @@ def check_config(cfg: SidsConfig) -> None:
 def load_items(cfg: SidsConfig) -> dict[int, dict]:
     """item.json of data.name; MovieLens is prepared on demand."""
     root, name = cfg.data.root, cfg.data.name
-    if not dataset_file(root, name, "inter").is_file():
-        if name not in PACKAGED:
-            raise ConfigError(
-                f"data.name={name}: no dataset at {dataset_dir(root, name)}; prepare it first with `python -m gti.prepare`"
-            )
-        from gti.data.convert import run as prepare
-
-        prepare(PrepareConfig(dataset=name, root=root))
+    ensure_prepared(name, root)
     path = dataset_file(root, name, "item")
     items = read_items(path)
     if sorted(items) != list(range(len(items))):
@@ -191,7 +184,7 @@ def run(cfg: SidsConfig, stage: bool = False) -> dict:
         "loss_history": history,
         "files": {"index": index_path.name, "codevecs": codevecs_path(root, name).name, "codebooks": codebooks_path(root, name).name},
         "input_hash": input_hash,
-        "versions": _versions(),
+        "versions": versions(("numpy", "torch")),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     with _timed(phases, "write"):
@@ -210,12 +203,6 @@ def _quantization_error(X: np.ndarray, recon: np.ndarray) -> dict:
     """Relative squared error of the quantised reconstruction, ||x - x_q||² / ||x||², averaged."""
     err = ((X - recon) ** 2).sum(1) / np.maximum((X**2).sum(1), 1e-12)
     return {"relative_sq_error": round(float(err.mean()), 5)}
-
-
-def _versions() -> dict:
-    import torch
-
-    return {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__}
 
 
 def _log_summary(report: dict, index_path: Path) -> None:

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 from gti.core.config import DataConfig, SidsConfig
-from gti.core.errors import ConfigError
-from gti.data.dataset import Dataset, dataset_file, load_dataset
+from gti.data.convert import ensure_prepared
+from gti.data.dataset import Dataset, load_dataset
 from gti.data.slices import subset
-
-PACKAGED = ("ml-100k", "ml-1m")
 
 
 def ensure_dataset(data: DataConfig, sids: SidsConfig) -> Dataset:
     """Load data/NAME with its SID index; prepare MovieLens and build a missing index on demand.
     An existing index built with other settings than `sids` is a ConfigError (only sids.force=true rebuilds)."""
-    if not dataset_file(data.root, data.name, "inter").is_file():
-        if data.name not in PACKAGED:
-            raise ConfigError(
-                f"data.name={data.name}: {dataset_file(data.root, data.name, 'inter')} not found; "
-                f"run `python -m gti.prepare` for it first"
-            )
-        from gti.core.config import PrepareConfig
-        from gti.data.convert import run as prepare
-
-        prepare(PrepareConfig(dataset=data.name, root=data.root))
+    ensure_prepared(data.name, data.root)
     from gti.indexing.build import run as build_sids
 
     sids.data = data

@@ -18,7 +18,7 @@ from pathlib import Path
 from gti.core.config import to_dict
 from gti.core.errors import ConfigError
 from gti.core.io import file_sha256
-from gti.core.log import get_logger
+from gti.core.log import get_logger, quiet_other_ranks
 from gti.core.runs import SCHEMA_VERSION, RunDir, peak_memory_mb, read_run, save_hf, versions, write_metadata
 
 
@@ -29,6 +29,7 @@ class Stage:
         from gti.train.trainer import set_threads
 
         self.cfg, self.log = cfg, get_logger(name)  # lines read [gti.<name>] ..., printed by rank 0 only
+        quiet_other_ranks()
         set_threads(cfg.trainer)  # before any work: row building and model loading use the threads too
         L.seed_everything(cfg.seed, workers=True)
         self.run_dir = RunDir(Path(cfg.output_dir))
@@ -83,7 +84,6 @@ def load_stage1(cfg):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from gti.core.io import file_sha256
     from gti.data.dataset import load_dataset
     from gti.data.slices import subset
     from gti.tokens.vocab import NewTokens
@@ -99,10 +99,10 @@ def load_stage1(cfg):
     ds = subset(ds, cfg.data.max_users, cfg.data.max_items)
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir)
     model = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32)
-    nt = meta["new_tokens"]
-    if len(tokenizer) != nt["start"] + nt["count"] or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    start, tokens = run.new_tokens
+    if len(tokenizer) != start + len(tokens) or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ConfigError(f"{run.model_dir}: tokenizer size {len(tokenizer)} does not match gti.json / embedding rows")
-    return model, tokenizer, ds, NewTokens(nt["tokens"], nt["start"], [[] for _ in nt["tokens"]]), meta
+    return model, tokenizer, ds, NewTokens(tokens, start, [[] for _ in tokens]), meta
 
 
 def run_metadata(stage: str, cfg, ds, new, **extra) -> dict:

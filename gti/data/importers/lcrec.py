@@ -19,7 +19,7 @@ from gti.core.io import atomic_dir, write_json
 from gti.core.log import get_logger
 from gti.data.dataset import dataset_dir, read_index, read_inter, read_items, validate
 from gti.data.importers import Raw
-from gti.data.importers.amazon import source_dir
+from gti.data.importers.files import source_dir
 from gti.data.sid_index import analyze_index
 
 log = get_logger("prepare")

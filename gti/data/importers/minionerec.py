@@ -31,7 +31,7 @@ from gti.core.config import PrepareConfig
 from gti.core.errors import DataError
 from gti.core.log import get_logger
 from gti.data.importers import Raw
-from gti.data.importers.amazon import clean_text, source_dir
+from gti.data.importers.files import clean_text, source_dir
 
 log = get_logger("prepare")
 

@@ -20,7 +20,8 @@ from gti.core.config import PrepareConfig
 from gti.core.errors import DataError
 from gti.core.log import get_logger
 from gti.data.importers import Raw
-from gti.data.importers.amazon import find_files, item_2014, iter_records, read_meta, source_dir
+from gti.data.importers.amazon import item_2014, read_meta
+from gti.data.importers.files import find_files, iter_records, source_dir
 
 log = get_logger("prepare")
 
