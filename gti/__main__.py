@@ -1,4 +1,4 @@
-"""`gti COMMAND [args ...]` — the seven commands under one name: `gti ground k=v` is `python -m gti.ground k=v`.
+"""`gti COMMAND [args ...]` — the commands under one name: `gti ground k=v` is `python -m gti.ground k=v`.
 
 `python -m gti COMMAND ...` is the same. `gti --help` lists the commands; `gti COMMAND --help` prints that
 command's help (what it does and every config key), the same text as `python -m gti.COMMAND --help`.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gti.core.cli import HELP_FLAGS, summary
 
-COMMANDS = ("prepare", "sids", "ground", "finetune", "diagnose", "benchmark", "protocol")  # in pipeline order
+COMMANDS = ("prepare", "sids", "ground", "finetune", "diagnose", "benchmark", "protocol", "sasrec")  # in pipeline order; sasrec: the ID-based reference
 
 
 def overview() -> str:

@@ -2,8 +2,8 @@
 
 `init_from=RUN_DIR` takes a gti.ground folder (tokenizer, SIDs, dataset come with it); without it
 the base model is extended with `init=...` so baselines run through the same code. Evaluation is
-trie-constrained beam search (docs/evaluation.md): Recall@K / NDCG@K from the target's rank among the
-de-duplicated items of the returned beams, every example counted once, under DDP too.
+trie-constrained beam search, or exact ranking (eval.ranking; docs/evaluation.md): Recall@K / NDCG@K from
+the target's rank among the de-duplicated items of the returned SIDs, every example counted once, under DDP too.
 Writes model/, metrics.json, predictions.jsonl, gti.json, config.yaml and logs/ into output_dir.
 """
 
@@ -32,7 +32,13 @@ def run(cfg: FinetuneConfig) -> Path:
     from gti.rank.trie import SidTrie
     from gti.tokens.extend import extend_model
     from gti.train.lora import apply_lora, merge_lora
-    from gti.train.recommender import RecommenderModule, baselines, check_prompt_lengths, gather_predictions
+    from gti.train.recommender import (
+        RecommenderModule,
+        baselines,
+        beam_vs_exact,
+        check_prompt_lengths,
+        gather_predictions,
+    )
     from gti.train.rows import collate, eval_rows, rec_train_rows
     from gti.train.stage import Stage, load_stage1, run_metadata
     from gti.train.templates import PromptFormatter
@@ -65,9 +71,10 @@ def run(cfg: FinetuneConfig) -> Path:
         model = apply_lora(model, cfg, new)
     module = RecommenderModule(model, tokenizer, trie, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    ranked = f"beam {cfg.eval.num_beams}" if cfg.eval.ranking == "beam" else "exact ranking of every item"
     stage.say(
         f"{len(ds.inter)} users, {ds.num_items} items, {len(rows)} training rows ({padding}), "
-        f"{len(valid)} valid / {len(test)} test users, beam {cfg.eval.num_beams}, ranked in {cfg.eval.precision}",
+        f"{len(valid)} valid / {len(test)} test users, {ranked}, ranked in {cfg.eval.precision}",
         f"trainable parameters: {trainable:,}{' (LoRA)' if cfg.lora.enabled else ''}",
         f"example: {tokenizer.decode(rows[0]['input_ids'])!r}",
     )
@@ -78,6 +85,13 @@ def run(cfg: FinetuneConfig) -> Path:
     trainer.test(module, test_loader, verbose=False)
     preds = gather_predictions(module.predictions)
     test_metrics = dict(module.test_metrics.compute())
+    check = {}
+    if cfg.eval.exact_check_users > 0:  # every rank ranks (an FSDP forward needs them all); rank 0 records it
+        users = test[: cfg.eval.exact_check_users]
+        stage.say(f"beam vs exact ranking on {len(users)} test users ...")
+        loader = DataLoader(eval_rows(ds, users, fmt, cfg.templates[0]), batch_size=cfg.eval.batch_size, collate_fn=prompts)
+        check = {"beam_vs_exact": beam_vs_exact(module.model, tokenizer, trie, loader, cfg.eval)}
+        stage.say(f"beam vs exact: {check['beam_vs_exact']}")
 
     # save (rank 0)
     if not trainer.is_global_zero:
@@ -89,6 +103,8 @@ def run(cfg: FinetuneConfig) -> Path:
         "test": test_metrics,
         "baselines": {"test": baselines(ds, {u: s[:-2] for u, s in ds.inter.items()}, test, cfg.eval.ks, cfg.seed)},
         "eval_precision": cfg.eval.precision,  # ranking arithmetic (eval.precision), not trainer.precision
+        "ranking": cfg.eval.ranking,
+        **check,
         "steps": trainer.global_step,
         "wall_time_s": stage.elapsed(),
     }

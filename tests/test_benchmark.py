@@ -14,12 +14,13 @@ from gti.core.config import (
     FinetuneConfig,
     GroundConfig,
     OptimConfig,
+    SasrecConfig,
     TrainerConfig,
     eval_problems,
     load_config,
 )
 from gti.core.errors import GtiError
-from gti.experiments.benchmark import BenchmarkConfig, check_same_sids, run, run_cell
+from gti.experiments.benchmark import BenchmarkConfig, check_same_sids, run, run_cell, schedule
 from gti.experiments.report import list_diversity
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -34,8 +35,18 @@ def tiny_benchmark(tmp_path, model_dir, **kw) -> BenchmarkConfig:
         ground=GroundConfig(model=model_dir, data=data, optim=OptimConfig(lr=1e-2, batch_size=8), trainer=trainer),
         finetune=FinetuneConfig(model=model_dir, data=data, optim=OptimConfig(batch_size=8), trainer=trainer,
                                 eval=EvalConfig(num_beams=10, ks=[1, 5, 10], batch_size=4, valid=False)),
-        output_dir=str(tmp_path / "bench"), ks=[1, 5, 10], threads=1, **kw,
+        output_dir=str(tmp_path / "bench"), ks=[1, 5, 10], threads=1, **{"reference": [], **kw},
     )  # fmt: skip
+
+
+def fake_reference(folder: Path, ranks: dict[int, int]) -> None:
+    """A finished run folder as gti.sasrec writes it: gti.json, metrics.json, predictions.jsonl."""
+    folder.mkdir(parents=True)
+    (folder / "gti.json").write_text(json.dumps({"stage": "sasrec"}))
+    recall = sum(0 <= r < 10 for r in ranks.values()) / len(ranks)
+    (folder / "metrics.json").write_text(json.dumps({"test": {"recall@10": recall, "count": len(ranks)}}))
+    rows = [{"index": u, "user": u, "target": 0, "rank": r, "items": []} for u, r in ranks.items()]
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
@@ -55,6 +66,30 @@ def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
     cfg.report_only = True
     cfg.methods = ["mean", "gti-description", "random"]  # a method with no finished cell is left out
     assert "random" not in json.loads((run(cfg) / "results.json").read_text())["methods"]
+
+    # the reference row (ranks 12 users, the arms 9) and a beam-vs-exact check of one cell
+    fake_reference(tmp_path / "bench" / "sasrec" / "seed0" / "sasrec", {u: 0 for u in range(12)})
+    metrics = tmp_path / "bench" / "mean" / "seed0" / "finetune" / "metrics.json"
+    bve = {"users": 9, "top10_equal": 8, "top10_same_set": 9, "recall@10": {"beam": 0.5, "exact": 0.6},
+           "ndcg@10": {"beam": 0.25, "exact": 0.3}}  # fmt: skip
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "beam_vs_exact": bve}))
+    cfg.reference = ["sasrec"]
+    out = run(cfg)
+    res, md = json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+    ref = res["references"]["sasrec"]["runs"][0]
+    assert ref["users"] == 12 and ref["on_arm_users"] == {"users": 9, "recall@1": 1.0, "ndcg@1": 1.0, "recall@5": 1.0,
+                                                          "ndcg@5": 1.0, "recall@10": 1.0, "ndcg@10": 1.0}  # fmt: skip
+    assert {(d["a"], d["b"], d["seed"]) for d in res["paired"]} == {
+        ("gti-description", "mean", 0), ("gti-description", "mean", "pooled"), ("sasrec", "mean", 0),
+        ("sasrec", "mean", "pooled"), ("sasrec", "gti-description", 0), ("sasrec", "gti-description", "pooled"),
+    }  # fmt: skip
+    gd = next(d for d in res["paired"] if d["a"] == "gti-description" and d["seed"] == 0 and d["metric"] == "ndcg@10")
+    runs = {m: r["runs"][0]["test"] for m, r in res["methods"].items()}  # per-user values average to the cells' metrics
+    assert gd["a_mean"] == pytest.approx(runs["gti-description"]["ndcg@10"]) and gd["b_mean"] == pytest.approx(runs["mean"]["ndcg@10"])
+    assert "*sasrec (reference), all 12 users*" in md and "*sasrec (reference), the arms' 9 users*" in md
+    assert "| gti-description − mean | seed 0 | 9 |" in md and "| sasrec − mean | seed 0 | 9 |" in md
+    assert "### Reading" in md and "In short:" in md
+    assert "## Beam search vs exact ranking" in md and "| mean | 0 | 9 | 89% | 100% | 0.5000 / 0.6000 |" in md
 
 
 def test_list_diversity_tells_one_list_for_all_from_personal_lists(tmp_path):
@@ -86,6 +121,35 @@ def test_stage_processes_get_their_share_of_the_cores(tmp_path, monkeypatch):
     envs.clear()
     run_cell(BenchmarkConfig(output_dir=str(tmp_path / "c"), parallel=8), "mean", 0)  # never below one thread
     assert envs[0][1]["OMP_NUM_THREADS"] == "1"
+
+
+def test_sasrec_reference_runs_once_after_the_first_seed_on_the_arms_split(tmp_path, monkeypatch, capsys):
+    ran = []
+
+    def fake_run(cmd, env, **kw):  # records each stage; a sasrec "run" leaves a finished run folder
+        ran.append(cmd[2:])
+        if cmd[2] == "gti.sasrec":
+            fake_reference(Path(load_config(SasrecConfig, [cmd[3]]).output_dir), {0: 0})
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(gti.experiments.runner.subprocess, "run", fake_run)
+    cfg = BenchmarkConfig(methods=["mean", "gti-mean"], seeds=[3, 4], single_seed=[], output_dir=str(tmp_path / "b"))
+    cfg.finetune.data = DataConfig(name="ml-1m", root="elsewhere", max_history=20, max_users=100)
+    assert schedule(cfg) == [("mean", 3), ("gti-mean", 3), ("sasrec", 3), ("mean", 4), ("gti-mean", 4)]
+    run_cell(cfg, "sasrec", 3)
+    yaml = tmp_path / "b" / "sasrec" / "seed3" / "sasrec.yaml"
+    assert ran == [["gti.sasrec", str(yaml)]]
+    written = load_config(SasrecConfig, [str(yaml)])
+    assert written.seed == 3 and written.output_dir == str(tmp_path / "b" / "sasrec" / "seed3" / "sasrec")
+    d = written.data  # the arms' dataset and users, SASRec's own sequence length
+    assert (d.name, d.root, d.max_users, d.max_history) == ("ml-1m", "elsewhere", 100, cfg.sasrec.data.max_history)
+    assert written.eval.ks == cfg.finetune.eval.ks
+    capsys.readouterr()
+    run_cell(cfg, "sasrec", 3)  # finished: skipped
+    assert len(ran) == 1 and "sasrec seed 3: done, skipped" in capsys.readouterr().out
+    cfg.reference = ["bert4rec"]
+    with pytest.raises(GtiError, match="reference: unknown 'bert4rec'; known: sasrec"):
+        run(cfg)
 
 
 def test_parallel_cells_finish_and_a_failed_one_names_its_log(tmp_path, tiny_model_dir, capsys):

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gti.core.config import FinetuneConfig, GroundConfig, PrepareConfig, SidsConfig, _flatten, load_config
+from gti.core.config import FinetuneConfig, GroundConfig, PrepareConfig, SasrecConfig, SidsConfig, _flatten, load_config
 from gti.core.errors import ConfigError
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
-SCHEMAS = {"ground": GroundConfig, "finetune": FinetuneConfig, "prepare": PrepareConfig, "sids": SidsConfig}
+SCHEMAS = {"ground": GroundConfig, "finetune": FinetuneConfig, "prepare": PrepareConfig, "sids": SidsConfig, "sasrec": SasrecConfig}
 
 
 def schema_for(path: Path):

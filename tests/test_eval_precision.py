@@ -1,6 +1,7 @@
 """Ranking does not depend on trainer.precision (docs/traps.md); eval.ks must fit in the beams."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,8 @@ def test_ranking_precision_context(tiny_model):
             r"eval.ks: K=20 exceeds eval.num_beams=10.*Recall@20 would be capped",
         ),
         (EvalConfig(precision="fp16"), r"eval.precision='fp16'"),
+        (EvalConfig(ranking="greedy"), r"eval.ranking='greedy': choose one of beam, exact"),
+        (EvalConfig(exact_check_users=-1), r"eval.exact_check_users=-1"),
     ],
 )
 def test_bad_eval_config_fails_before_any_compute(tmp_path, ev, match):
@@ -124,6 +127,65 @@ def test_bad_eval_config_fails_before_any_compute(tmp_path, ev, match):
     with pytest.raises(ConfigError, match=match):
         run(cfg)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_exact_ranking_may_cut_beyond_the_beams():
+    from gti.core.config import eval_problems
+
+    assert eval_problems(EvalConfig(num_beams=5, ks=[5, 10], ranking="exact")) == []  # it ranks every item
+
+
+def test_exact_ranking_and_the_beam_check_in_a_run(tmp_path, sharp_model_dir):
+    """eval.ranking=exact ranks as the beam does when the beam covers the catalogue (12 items, 12 beams), and
+    eval.exact_check_users records "beam_vs_exact" in metrics.json in the shape the benchmark report reads."""
+    from gti.finetune import run
+
+    write_toy_dataset(tmp_path / "data")
+    got = {}
+    for ranking in ("beam", "exact"):
+        out = tmp_path / ranking
+        cfg = FinetuneConfig(
+            model=sharp_model_dir,
+            init="random",  # distinct SID rows: mean init ties every item, and tied items rank in any order
+            data=DataConfig(name="toy", root=str(tmp_path / "data")),
+            trainer=TrainerConfig(max_steps=0, accelerator="cpu"),
+            eval=EvalConfig(num_beams=12, ks=[1, 5, 10], batch_size=4, valid=False, ranking=ranking, exact_check_users=5),
+            output_dir=str(out),
+        )
+        run(cfg)
+        preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+        got[ranking] = preds, json.loads((out / "metrics.json").read_text())
+    (beam, beam_metrics), (exact, exact_metrics) = got["beam"], got["exact"]
+    assert [p["items"] for p in exact] == [p["items"] for p in beam] and len(exact) == 9
+    assert exact_metrics["test"] == beam_metrics["test"] and exact_metrics["ranking"] == "exact"
+    check = beam_metrics["beam_vs_exact"]
+    recall, ndcg = check["recall@10"]["beam"], check["ndcg@10"]["beam"]
+    assert check == {
+        "users": 5, "top10_equal": 1.0, "top10_same_set": 1.0,
+        "recall@10": {"beam": recall, "exact": recall}, "ndcg@10": {"beam": ndcg, "exact": ndcg},
+    }  # fmt: skip
+
+
+def test_beam_check_sees_a_beam_that_misses(tiny_model, tokenizer):
+    """With one beam the search keeps one prefix per step; the check must count the users it costs."""
+    from gti.rank.trie import SidTrie
+    from gti.train.recommender import agreement, beam_vs_exact
+
+    seqs = [[100 + i % 5, 110 + i // 5, 120 + i % 3] for i in range(30)]
+    trie = SidTrie(seqs, eos_token_id=tokenizer.eos_token_id)
+    tokenizer.padding_side = "left"
+    enc = tokenizer(["a b c", "I liked these", "hi there you"], return_tensors="pt", padding=True)
+    batch = {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "target": torch.tensor([0, 7, 29])}
+    wide = beam_vs_exact(tiny_model, tokenizer, trie, [batch], EvalConfig(num_beams=30, ks=[10]))
+    assert wide["top10_equal"] == 1.0 and wide["users"] == 3
+    narrow = beam_vs_exact(tiny_model, tokenizer, trie, [batch], EvalConfig(num_beams=1, ks=[1]))
+    assert narrow["top10_equal"] == 0.0  # one beam returns one SID, exact returns ten
+    assert narrow["recall@10"]["exact"] == wide["recall@10"]["exact"]
+    # the figures from hand-made lists: target 5 is 2nd in one list, missing from the other
+    fig = agreement([[4, 5, 6], [1, 2, 3]], [[4, 5, 6], [2, 1, 3]], [5, 9], k=3)
+    assert fig["top3_equal"] == 0.5 and fig["top3_same_set"] == 1.0
+    assert fig["recall@3"] == {"beam": 0.5, "exact": 0.5}
+    assert fig["ndcg@3"]["beam"] == pytest.approx(0.5 / math.log2(3))
 
 
 def test_benchmark_and_protocol_reject_ks_above_beams(tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ T = TypeVar("T")
 @dataclass
 class DataConfig:
     name: str = "ml-100k"  # dataset folder under `root` (prepared on demand for ml-100k / ml-1m)
-    root: str = "data"
+    root: str = "data"  # folder holding one folder per dataset
     max_history: int = 20  # history truncated to the last N items
     max_items: int = 0  # >0: keep only users whose items are all among the first N item ids (whole users, demo)
     max_users: int = 0  # >0: keep the first N users (demo / smoke runs)
@@ -32,19 +32,19 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 1
+    max_epochs: int = 1  # passes over the training rows (max_steps > 0 stops earlier)
     max_steps: int = -1  # -1: run max_epochs
     accelerator: str = "auto"  # cpu | gpu | auto
-    devices: int = 1
+    devices: int = 1  # devices per machine (GPUs, or CPU processes)
     strategy: str = "auto"  # auto -> "ddp" when devices > 1 or num_nodes > 1; or ddp_spawn, fsdp, ...
     # 32-true | bf16-mixed | bf16-true | ...; in bf16, a frozen backbone (grounding, LoRA) is held in bf16 during fit
     # and its exact weights put back for ranking and saving (gti.tokens.overlay.FrozenBf16)
     precision: str = "32-true"
-    accumulate_grad_batches: int = 1
-    gradient_clip_val: float = 1.0
-    log_every_n_steps: int = 5
+    accumulate_grad_batches: int = 1  # batches per optimizer step
+    gradient_clip_val: float = 1.0  # clip the gradient norm to this (0: no clipping)
+    log_every_n_steps: int = 5  # logging and progress-bar refresh interval
     val_check_interval: float = 1.0  # validation during fit: a fraction of an epoch (<= 1) or every N batches (> 1)
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes (rows are pre-tokenised: 0 is usually enough)
     checkpoint_every: int = 0  # >0: also write checkpoints/last.ckpt every N steps (resume=auto continues)
     lean_step: bool = True  # LM head and loss at labelled positions only; false: the full-logits HF loss, for comparisons
     # rows of similar length batched together (sorted within ~50 batches, batch order shuffled): less padding
@@ -56,10 +56,10 @@ class TrainerConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    batch_size: int = 16
+    lr: float = 1e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
+    batch_size: int = 16  # rows per batch on each device
 
 
 # ----------------------------------------------------------------------------------------- stages
@@ -69,9 +69,9 @@ class PrepareConfig:
     source: str | None = None  # folder/file with the raw files; None -> packaged copy (MovieLens)
     category: str | None = None  # Amazon category, e.g. Beauty
     name: str | None = None  # output dataset name; None -> derived from dataset/category
-    root: str = "data"
-    kcore: int = 5
-    overwrite: bool = False
+    root: str = "data"  # where data/NAME/ is written
+    kcore: int = 5  # keep users and items with at least this many interactions (repeated until stable)
+    overwrite: bool = False  # true: rebuild data/NAME even when it exists
 
 
 @dataclass
@@ -80,18 +80,18 @@ class SidsConfig:
     encoder: str = "minilm"  # minilm | backbone (the LM's mean-pooled hidden states) | a local path
     model: str = "smollm2-135m"  # backbone used when encoder=backbone
     quantizer: str = "rqkmeans"  # rqkmeans | rqvae
-    levels: int = 3
+    levels: int = 3  # residual quantisation levels before the dedup level
     codes: int = 32  # codes per level (paper: 4 x 256; small catalogues want fewer)
-    seed: int = 0
-    kmeans_iters: int = 50
+    seed: int = 0  # k-means / RQ-VAE seed
+    kmeans_iters: int = 50  # Lloyd iterations per level (rqkmeans)
     kmeans_balanced: bool = True  # Sinkhorn-balanced cluster sizes (fewer SID collisions); false: plain Lloyd
     embed_batch_size: int = 64  # texts per encoder batch
     embed_max_length: int = 128  # encoder=backbone: tokens kept per item text
-    rqvae_code_dim: int = 32
-    rqvae_hidden: int = 256
-    rqvae_epochs: int = 100
-    rqvae_lr: float = 1e-3
-    rqvae_batch_size: int = 256
+    rqvae_code_dim: int = 32  # RQ-VAE code width
+    rqvae_hidden: int = 256  # RQ-VAE encoder/decoder hidden width
+    rqvae_epochs: int = 100  # RQ-VAE training epochs
+    rqvae_lr: float = 1e-3  # RQ-VAE learning rate
+    rqvae_batch_size: int = 256  # RQ-VAE batch size
     rqvae_beta: float = 0.25  # commitment weight
     rqvae_balance: float = 0.1  # balanced-usage regulariser weight
     rqvae_accelerator: str = "cpu"  # cpu | gpu | auto (the RQ-VAE is small: CPU is the default)
@@ -102,44 +102,51 @@ class SidsConfig:
 
 @dataclass
 class GroundStageConfig:
-    templates: list[str] = field(
+    templates: list[str] = field(  # grounding tasks, by name (gti.train.templates.GROUNDING_TEMPLATES); both directions by default
         default_factory=lambda: ["title2sid", "desc2sid", "both2sid", "sid2title", "sid2desc", "sid2both"]
     )
     unfreeze_steps: int = 0  # optional second phase: unfreeze everything for N steps (paper §4.1)
-    unfreeze_lr: float = 1e-5
+    unfreeze_lr: float = 1e-5  # learning rate of the optional second phase (unfreeze_steps > 0)
 
 
 @dataclass
 class GroundConfig:
-    model: str = "smollm2-135m"
+    model: str = "smollm2-135m"  # base LM: smollm2-135m (packaged) or a local HF folder
     data: DataConfig = field(default_factory=DataConfig)
     sids: SidsConfig = field(default_factory=SidsConfig)
     tokens_file: str | None = None  # tokens.jsonl of {"token", "description"} to add and ground
     init: str = "mean"  # starting point for grounding: zero | random | mean | mean_cov | subword | description | ...
-    init_options: dict[str, Any] = field(default_factory=dict)
+    init_options: dict[str, Any] = field(default_factory=dict)  # options of the init strategy, e.g. {k: 8} for topk (docs/method.md lists them)
     ground: GroundStageConfig = field(default_factory=GroundStageConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=10))
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_steps=100))  # CPU demo scale
-    max_length: int = 64
-    output_dir: str = "runs/ground"
+    max_length: int = 64  # tokens per grounding row; longer item text is shortened, never the SID or the frame
+    output_dir: str = "runs/ground"  # run folder (built in <output_dir>.partial/, renamed when complete)
     seed: int = 0
     resume: str = "never"  # never | auto
     diagnostics: bool = True  # spectra, effective rank, cosine maps and RSA of the new rows before and after grounding
 
 
 EVAL_PRECISIONS = ("fp32", "bf16")  # EvalConfig.precision
+EVAL_RANKINGS = ("beam", "exact")  # EvalConfig.ranking
 
 
 @dataclass
 class EvalConfig:
-    num_beams: int = 20
-    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])
-    batch_size: int = 16
+    num_beams: int = 20  # beam width of the trie-constrained search; also the longest list returned
+    ks: list[int] = field(default_factory=lambda: [1, 5, 10, 20])  # cut-offs K of Recall@K and NDCG@K (each <= num_beams)
+    batch_size: int = 16  # prompts ranked at once
     max_users: int = 0  # >0: evaluate the first N users only (CPU demos)
     valid: bool = True  # false: skip the validation split (test only; e.g. benchmark cells)
     # ranking arithmetic, whatever trainer.precision is: fp32 (default; bf16 logits reorder close beams,
     # docs/traps.md) | bf16 (bf16 autocast: faster on GPUs, approximate ranks). Recorded in metrics.json.
     precision: str = "fp32"
+    # beam: trie-constrained beam search (num_beams) | exact: every item of the catalogue ranked by its log-prob
+    # of SID + EOS (one decoded token per trie node and user: ~30x the beam's work on ML-100K; gti.rank.exact)
+    ranking: str = "beam"
+    # >0: after the test evaluation, rank the first N test users both ways (exact top-10) and record in
+    # metrics.json "beam_vs_exact" how often the beam's top-10 is the exact one, and both Recall/NDCG@10
+    exact_check_users: int = 0
 
 
 @dataclass
@@ -148,9 +155,9 @@ class LoraConfig:
     # through the grounding overlay (one table when tied, so the model stays tied); old rows and
     # everything else frozen. Not peft modules_to_save, which unties a tied model (docs/traps.md).
     enabled: bool = False
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = 8  # LoRA rank
+    alpha: int = 32  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.05  # dropout on the LoRA path
 
 
 @dataclass
@@ -159,7 +166,7 @@ class FinetuneConfig:
     model: str = "smollm2-135m"
     data: DataConfig = field(default_factory=DataConfig)
     sids: SidsConfig = field(default_factory=SidsConfig)
-    init: str = "mean"
+    init: str = "mean"  # init strategy of the new rows when init_from is not set (gti.tokens.init_strategies)
     init_options: dict[str, Any] = field(default_factory=dict)
     templates: list[int] = field(default_factory=lambda: [0, 1, 2])  # the paper's three rec templates
     multitask: bool = False  # mix in the text<->SID grounding tasks (LC-Rec multi-task baseline)
@@ -172,7 +179,30 @@ class FinetuneConfig:
     max_length: int = 128
     output_dir: str = "runs/finetune"
     seed: int = 0
-    resume: str = "never"
+    resume: str = "never"  # never | auto: continue from <output_dir>.partial/checkpoints/last.ckpt
+
+
+@dataclass
+class SasrecConfig:
+    """SASRec (Kang & McAuley 2018) trained with a full-softmax loss: the ID-based reference (`python -m gti.sasrec`)."""
+
+    # the LM stages' dataset and leave-one-out split; max_history is also SASRec's sequence length (positions)
+    data: DataConfig = field(default_factory=lambda: DataConfig(max_history=50))
+    hidden: int = 64  # item embedding and model width
+    blocks: int = 2  # self-attention blocks (pre-LN)
+    heads: int = 1  # attention heads; hidden must be a multiple of it
+    dropout: float = 0.2  # on embeddings, attention weights, residual branches and inside the FFN
+    # Adam (betas 0.9, 0.98) at a constant lr; batch_size: training windows per batch; warmup_steps is not used
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, batch_size=128, warmup_steps=0))
+    patience: int = 10  # early stopping: epochs without a better validation `monitor` (trainer.max_epochs: the cap)
+    monitor: str = "ndcg@10"  # validation metric for early stopping and the restored best checkpoint; K must be in eval.ks
+    # max_epochs caps training; no gradient clipping by default (the paper's recipe); threads=1 to share a machine
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_epochs=200, gradient_clip_val=0.0))
+    # ks, batch_size, max_users and valid apply (false: no early stopping, the last epoch is tested); ranking
+    # scores the whole catalogue, so num_beams and precision (beam search settings) are not used
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(ks=[5, 10, 20], batch_size=256))
+    output_dir: str = "runs/sasrec"
+    seed: int = 0
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -261,6 +291,7 @@ __all__ = [
     "GroundConfig",
     "FinetuneConfig",
     "EvalConfig",
+    "SasrecConfig",
     "load_config",
     "to_dict",
     "to_yaml",
@@ -275,7 +306,7 @@ def eval_problems(ev: EvalConfig) -> list[str]:
         problems.append(f"eval.num_beams={ev.num_beams}: must be >= 1")
     if not ev.ks or min(ev.ks) < 1:
         problems.append(f"eval.ks={list(ev.ks)}: needs one or more cut-offs >= 1")
-    elif max(ev.ks) > ev.num_beams:
+    elif max(ev.ks) > ev.num_beams and ev.ranking == "beam":
         k = max(ev.ks)
         problems.append(
             f"eval.ks: K={k} exceeds eval.num_beams={ev.num_beams}; beam search returns at most num_beams "
@@ -283,4 +314,8 @@ def eval_problems(ev: EvalConfig) -> list[str]:
         )
     if ev.precision not in EVAL_PRECISIONS:
         problems.append(f"eval.precision={ev.precision!r}: choose one of {', '.join(EVAL_PRECISIONS)}")
+    if ev.ranking not in EVAL_RANKINGS:
+        problems.append(f"eval.ranking={ev.ranking!r}: choose one of {', '.join(EVAL_RANKINGS)}")
+    if ev.exact_check_users < 0:
+        problems.append(f"eval.exact_check_users={ev.exact_check_users}: must be >= 0 (0: no check)")
     return problems

@@ -24,6 +24,7 @@ ARMS: dict[str, Arm] = {
     "topk": Arm("topk"),
     "gti-mean": Arm("mean", ground="mean"),  # the paper
     "gti-description": Arm("description", ground="description"),  # ours: GTI warm-started from descriptions
+    "gti-random": Arm("random", ground="random"),  # distinct rows from the start, then grounded
     "multitask-mean": Arm("mean", multitask=True),  # LC-Rec-style multi-task SFT
 }
 

@@ -8,14 +8,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gti.core.config import FinetuneConfig, GroundConfig, eval_problems
+from gti.core.config import FinetuneConfig, GroundConfig, SasrecConfig, eval_problems
 from gti.core.errors import ConfigError, GtiError
 from gti.core.log import get_logger
 from gti.experiments.arms import ARMS
 from gti.experiments.report import Planned, write_report
-from gti.experiments.runner import Step, finished, run_step, stage_env
+from gti.experiments.runner import Step, run_step, stage_env
 
 log = get_logger("benchmark")
+
+# reference rows: classic recommenders trained on the same split, ranked over the whole catalogue -> their command
+REFERENCES = {"sasrec": "gti.sasrec"}
+DOING = {"gti.ground": "grounding", "gti.finetune": "fine-tuning", "gti.sasrec": "training SASRec"}
 
 
 @dataclass
@@ -23,9 +27,12 @@ class BenchmarkConfig:
     scale: str = "cpu"  # a label written into the report
     methods: list[str] = field(default_factory=lambda: list(ARMS))  # rows of gti.experiments.arms.ARMS
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    single_seed: list[str] = field(default_factory=lambda: ["random", "description", "topk", "multitask-mean"])
+    single_seed: list[str] = field(default_factory=lambda: ["description", "topk", "multitask-mean"])
     ground: GroundConfig = field(default_factory=GroundConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    # the SASRec reference row (seed, output_dir, eval.ks and the dataset's name, root and users are set per cell)
+    sasrec: SasrecConfig = field(default_factory=SasrecConfig)
+    reference: list[str] = field(default_factory=lambda: ["sasrec"])  # reference rows, first seed only; []: none
     output_dir: str = "runs/benchmark"
     ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     report_only: bool = False  # true: write the report from the cells finished so far, run nothing
@@ -39,6 +46,13 @@ def cells(cfg: BenchmarkConfig) -> list[tuple[str, int]]:
     return [(m, s) for i, s in enumerate(cfg.seeds) for m in cfg.methods if i == 0 or m not in cfg.single_seed]
 
 
+def schedule(cfg: BenchmarkConfig) -> list[tuple[str, int]]:
+    """What runs, in order: the first seed's arm cells, then each reference (first seed only), then the other seeds."""
+    arms, first = cells(cfg), cfg.seeds[:1]
+    n = sum(s in first for _, s in arms)  # cells() is seed-major: the first seed's cells come first
+    return arms[:n] + [(r, s) for r in cfg.reference for s in first] + arms[n:]
+
+
 def cell_dir(cfg: BenchmarkConfig, method: str, seed: int) -> Path:
     return Path(cfg.output_dir) / method / f"seed{seed}"
 
@@ -49,7 +63,9 @@ def _say(method: str, seed: int, what: str) -> None:
 
 def cell_steps(cfg: BenchmarkConfig, method: str, seed: int) -> list[Step]:
     """The cell's stages, each from a YAML written into the cell folder: grounding when the arm grounds, then
-    fine-tuning (from the grounded folder, or from the base model with the arm's init)."""
+    fine-tuning (from the grounded folder, or from the base model with the arm's init). A reference is one stage."""
+    if method in REFERENCES:
+        return [reference_step(cfg, method, seed)]
     arm, cell = ARMS[method], cell_dir(cfg, method, seed)
     ft = copy.deepcopy(cfg.finetune)
     ft.seed, ft.init, ft.multitask, ft.output_dir = seed, arm.init, arm.multitask, str(cell / "finetune")
@@ -62,18 +78,27 @@ def cell_steps(cfg: BenchmarkConfig, method: str, seed: int) -> list[Step]:
     return [*steps, Step.from_config("gti.finetune", ft, cell / "finetune.yaml")]
 
 
+def reference_step(cfg: BenchmarkConfig, name: str, seed: int) -> Step:
+    """The reference's run on the arms' split: the finetune section's dataset, the same users kept
+    (max_items / max_users) and cut-offs (eval.ks); its own history length (data.max_history: the sequence it reads)."""
+    ref, cell = copy.deepcopy(cfg.sasrec), cell_dir(cfg, name, seed)
+    ref.seed, ref.output_dir, ref.eval.ks = seed, str(cell / name), list(cfg.finetune.eval.ks)
+    for key in ("name", "root", "max_items", "max_users"):
+        setattr(ref.data, key, getattr(cfg.finetune.data, key))
+    return Step.from_config(REFERENCES[name], ref, cell / f"{name}.yaml")
+
+
 def run_cell(cfg: BenchmarkConfig, method: str, seed: int) -> Path:
-    cell = cell_dir(cfg, method, seed)
-    if finished(cell / "finetune", "finetune"):
+    cell, steps = cell_dir(cfg, method, seed), cell_steps(cfg, method, seed)
+    if steps[-1].finished():
         _say(method, seed, "done, skipped")
         return cell
     cell.mkdir(parents=True, exist_ok=True)
     env, t = stage_env(cfg.threads, cfg.parallel), time.time()
     log_file = cell / "cell.log" if cfg.parallel > 1 else None
     to_log = f" (log: {log_file})" if log_file else ""
-    for step in cell_steps(cfg, method, seed):
-        doing = "grounding" if step.module == "gti.ground" else "fine-tuning"
-        run_step(step, lambda what: _say(method, seed, what), doing + to_log, env, log_file)
+    for step in steps:
+        run_step(step, lambda what: _say(method, seed, what), DOING[step.module] + to_log, env, log_file)
     _say(method, seed, f"finished in {time.time() - t:.0f}s")
     return cell
 
@@ -123,9 +148,12 @@ def check_same_sids(cfg: BenchmarkConfig) -> None:
 
 
 def run(cfg: BenchmarkConfig) -> Path:
-    unknown = [m for m in cfg.methods if m not in ARMS]
+    unknown = [f"methods: unknown {m!r}; known: {', '.join(ARMS)}" for m in cfg.methods if m not in ARMS]
+    unknown += [
+        f"reference: unknown {r!r}; known: {', '.join(REFERENCES)}" for r in cfg.reference if r not in REFERENCES
+    ]
     if unknown:
-        raise ConfigError(f"methods: unknown {unknown}; known: {', '.join(ARMS)}")
+        raise ConfigError.listing(unknown)
     if cfg.report_only:
         return report(cfg)
     # every cell shares the eval section: fail now, not after the first grounding
@@ -135,7 +163,7 @@ def run(cfg: BenchmarkConfig) -> Path:
     if problems:
         raise ConfigError.listing(problems)
     check_same_sids(cfg)
-    todo = cells(cfg)
+    todo = schedule(cfg)
     threads = stage_env(cfg.threads, cfg.parallel)["OMP_NUM_THREADS"]
     log.info(f"{len(todo)} cells, {cfg.parallel} at a time, {threads} CPU threads per stage process: "
              + ", ".join(f"{m}/s{s}" for m, s in todo))  # fmt: skip
@@ -146,4 +174,5 @@ def run(cfg: BenchmarkConfig) -> Path:
 def report(cfg: BenchmarkConfig) -> Path:
     """results.md / results.json / plots from the finished cells (also usable mid-benchmark)."""
     planned: Planned = {m: [(s, cell_dir(cfg, m, s)) for mm, s in cells(cfg) if mm == m] for m in cfg.methods}
-    return write_report(cfg.scale, planned, cfg.ks, cfg.output_dir)
+    refs: Planned = {r: [(s, cell_dir(cfg, r, s)) for s in cfg.seeds[:1]] for r in cfg.reference}
+    return write_report(cfg.scale, planned, cfg.ks, cfg.output_dir, refs)

@@ -1,4 +1,6 @@
-"""The benchmark's report from its finished cells: results.json, results.md and plots (spectra, cosine maps, metric bars)."""
+"""The benchmark's report from its finished cells: results.json, results.md (means over seeds, paired differences with
+bootstrap intervals and their reading, the reference rows, beam vs exact ranking) and plots (spectra, cosine maps,
+metric bars)."""
 
 from __future__ import annotations
 
@@ -6,11 +8,16 @@ import json
 import math
 from pathlib import Path
 
-from gti.core.errors import ConfigError
+import numpy as np
+from omegaconf import OmegaConf
+
+from gti.core.errors import ConfigError, DataError
 from gti.core.io import atomic_write_text, write_json
 from gti.core.log import get_logger
 from gti.core.runs import read_run
+from gti.experiments.report_sections import beam_vs_exact_markdown, paired_markdown, reference_rows, users_line
 from gti.experiments.runner import finished
+from gti.experiments.stats import LEVEL, N_BOOT, comparisons, per_user, read_ranks
 
 log = get_logger("benchmark")
 
@@ -45,7 +52,22 @@ def _cell_result(seed: int, cell: Path) -> dict:
                             "finetuned": ft["diagnostics"]}}  # fmt: skip
 
 
-def collect(scale: str, planned: Planned, output_dir: str) -> dict:
+def _reference_result(name: str, seed: int, cell: Path, arm_users: list[int], ks: list[int]) -> dict:
+    """A reference run's test metrics over every user it ranked, and again over the arms' test users."""
+    run = cell / name
+    ranks = read_ranks(run / "predictions.jsonl")
+    missing = [u for u in arm_users if u not in ranks]
+    if missing:
+        raise DataError(f"{run / 'predictions.jsonl'}: no prediction for {len(missing)} of the arms' test users "
+                        f"(e.g. {missing[:5]}); a reference must rank every test user")  # fmt: skip
+    on = np.array([ranks[u] for u in arm_users])
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    return {"seed": seed, "test": test, "users": len(ranks),
+            "on_arm_users": {"users": len(on), **{f"{m}@{k}": float(per_user(on, f"{m}@{k}").mean())
+                                                  for k in ks for m in ("recall", "ndcg")}}}  # fmt: skip
+
+
+def collect(scale: str, planned: Planned, output_dir: str, references: Planned | None = None, ks=(5, 10, 20)) -> dict:
     out: dict = {"scale": scale, "methods": {}}
     for method, cells in planned.items():
         # not run (yet): the report covers finished cells only
@@ -64,7 +86,34 @@ def collect(scale: str, planned: Planned, output_dir: str) -> dict:
     out["popularity"] = first["baselines"]["popularity"]
     out["random_list"] = first["baselines"]["random"]
     out["test_users"] = first["lists"]["users"]
+    first_cell = dict(planned[next(iter(out["methods"]))])[first["seed"]]
+    out["eval_max_users"] = OmegaConf.load(first_cell / "finetune" / "config.yaml").eval.max_users
+    preds = {m: {s: c / "finetune" / "predictions.jsonl" for s, c in planned[m] if s in r["seeds"]}
+             for m, r in out["methods"].items()}  # fmt: skip
+    first_arm = next(iter(preds.values()))
+    arm_users = sorted(read_ranks(next(iter(first_arm.values()))))  # every cell ranks the same test users
+    out["references"], ref_preds = {}, {}
+    for name, runs in (references or {}).items():
+        done = [(s, c) for s, c in runs if finished(c / name, name)]
+        if done:
+            results = [_reference_result(name, s, c, arm_users, list(ks)) for s, c in done]
+            out["references"][name] = {"seeds": [s for s, _ in done], "runs": results}
+            ref_preds[name] = {s: c / name / "predictions.jsonl" for s, c in done}
+    out["paired"] = [d.to_json() for d in comparisons(preds, ref_preds)]
+    out["paired_bootstrap"] = {"resamples": N_BOOT, "level": LEVEL, "seed": 0}
+    bve = {m: _beam_vs_exact([(s, c) for s, c in planned[m] if s in r["seeds"]]) for m, r in out["methods"].items()}
+    out["beam_vs_exact"] = {m: rows for m, rows in bve.items() if rows}
     return out
+
+
+def _beam_vs_exact(cells: list[tuple[int, Path]]) -> list[dict]:
+    """The cells' beam-vs-exact checks (fine-tuning's metrics.json has one when it ranked a sample both ways)."""
+    rows = []
+    for seed, cell in cells:
+        metrics = json.loads((cell / "finetune" / "metrics.json").read_text())
+        if "beam_vs_exact" in metrics:
+            rows.append({"seed": seed, **metrics["beam_vs_exact"]})
+    return rows
 
 
 def results_markdown(res: dict, ks: list[int]) -> str:
@@ -74,6 +123,8 @@ def results_markdown(res: dict, ks: list[int]) -> str:
         f"# gti benchmark, scale: {res['scale']}",
         "",
         "Test split, mean ± std over seeds; Δ = relative change of mean over `mean` init.",
+        "",
+        users_line(res),
         "",
         _resolution(res),
         "",
@@ -87,6 +138,9 @@ def results_markdown(res: dict, ks: list[int]) -> str:
         lines.append(f"| {name} | {len(m['seeds'])} | " + " | ".join(cells_) + f" | {delta} |")
     for label, key in (("popularity", "popularity"), ("random items", "random_list")):
         lines.append(f"| *{label}* | – | " + " | ".join(f"{res[key].get(c, 0):.4f}" for c in cols) + " | |")
+    lines += reference_rows(res, cols)
+    lines += paired_markdown(res)
+    lines += beam_vs_exact_markdown(res)
     lines += ["", "## How personal the top-10 lists are (mean ± std over seeds)", "",
               "A model that ignores the history gives every user the same list (unique share 0, 10 items covered).", "",
               "| method | users with a list of their own | distinct items in any top-10 |", "|---|---|---|"]  # fmt: skip
@@ -153,9 +207,12 @@ def new_rows_from_run(run: Path):
         return f.get_slice(key)[start : start + len(tokens)].to(torch.float32)  # (n_new, d)
 
 
-def write_report(scale: str, planned: Planned, ks: list[int], output_dir: str) -> Path:
-    """results.md / results.json / plots from the finished cells (also usable mid-benchmark)."""
-    res = collect(scale, planned, output_dir)
+def write_report(
+    scale: str, planned: Planned, ks: list[int], output_dir: str, references: Planned | None = None
+) -> Path:
+    """results.md / results.json / plots from the finished cells (also usable mid-benchmark); `references`: the
+    reference rows' cells (name -> [(seed, cell folder)], the run in CELL/NAME)."""
+    res = collect(scale, planned, output_dir, references, ks)
     out = Path(output_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", res)

@@ -3,6 +3,7 @@ folder is already finished: an interrupted benchmark or protocol resumes by runn
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gti.core.config import to_yaml
-from gti.core.errors import GtiError
+from gti.core.errors import ConfigError, GtiError
 from gti.core.io import atomic_write_text
 from gti.core.runs import read_run
 
@@ -51,12 +52,24 @@ class Step:
         return self.output is not None and finished(self.output, self.stage)
 
 
+HF_STAGES = ("ground", "finetune")  # stages whose run folder holds an HF model/ (read_run checks it)
+
+
 def finished(folder: Path, stage: str) -> bool:
     """A run folder is renamed into place only once complete (gti.core.runs.RunDir), so a gti.json there means the
     stage finished. It must be a run of `stage`: another stage's folder at that path is an error, not a skip."""
-    if not (Path(folder) / "gti.json").is_file():
+    meta = Path(folder) / "gti.json"
+    if not meta.is_file():
         return False
-    read_run(folder, stage, what=f"{stage} output_dir")
+    if stage in HF_STAGES:
+        read_run(folder, stage, what=f"{stage} output_dir")
+        return True
+    try:
+        found = json.loads(meta.read_text()).get("stage")
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{meta}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if found != stage:
+        raise ConfigError(f"{stage} output_dir {folder}: gti.json says stage={found!r}, expected {stage!r}")
     return True
 
 

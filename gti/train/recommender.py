@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 
 import lightning as L
 import torch
 
-from gti.core.config import EVAL_PRECISIONS, FinetuneConfig
+from gti.core.config import EVAL_PRECISIONS, EvalConfig, FinetuneConfig
 from gti.core.errors import ConfigError
 from gti.data.dataset import Dataset, Example
 from gti.rank.beam_search import constrained_beam_search
-from gti.rank.metrics import RankingMetrics, rank_of
+from gti.rank.exact import exact_ranking
+from gti.rank.metrics import RankingMetrics, ndcg_at, rank_of
 from gti.rank.trie import SidTrie, beams_to_items
 from gti.tokens.overlay import FrozenBf16
 from gti.tokens.vocab import NewTokens
@@ -57,6 +59,58 @@ def _cast(params: dict, dtypes: dict) -> None:
             p.data = p.data.to(dtypes[name])
 
 
+def rank_sids(model, tokenizer, batch: dict, trie: SidTrie, ev: EvalConfig, ranking: str, floor=None) -> list:
+    """Per prompt of a left-padded batch, (SID tokens, score) best first: `ranking` "beam" (eval.num_beams, the
+    search) or "exact" (every item of the catalogue by its log-prob, gti.rank.exact; the top max(eval.ks), or
+    the exact top k of the items scoring above `floor`). In eval.precision, not the training precision."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with ranking_precision(model, ev.precision):  # not the training precision's autocast
+        if ranking == "exact":
+            return exact_ranking(model, ids, mask, trie, num_return=max(ev.ks), floor=floor)
+        return constrained_beam_search(model, tokenizer, ids, mask, trie, num_beams=ev.num_beams, num_return=ev.num_beams)
+
+
+def beam_vs_exact(model, tokenizer, trie: SidTrie, loader, ev: EvalConfig, k: int = 10) -> dict:
+    """How far beam search is from the exact ranking on the users of `loader`: the share whose top-k item list
+    is the same (items and order), the same set, and Recall@k / NDCG@k both ways (metrics.json "beam_vs_exact").
+
+    Exact here is the exact top k, with the floor of `beam_floor`."""
+    device, was_training = next(model.parameters()).device, model.training
+    model.eval()
+    beam_lists, exact_lists, targets = [], [], []
+    for batch in loader:
+        batch = {n: t.to(device) for n, t in batch.items()}
+        beams = rank_sids(model, tokenizer, batch, trie, ev, "beam")
+        exact = rank_sids(model, tokenizer, batch, trie, replace(ev, ks=[k]), "exact", floor=beam_floor(beams, k, ev))
+        beam_lists += [its[:k] for its in beams_to_items(beams, trie)]
+        exact_lists += [its[:k] for its in beams_to_items(exact, trie)]
+        targets += batch["target"].tolist()
+    model.train(was_training)
+    return agreement(beam_lists, exact_lists, targets, k)
+
+
+def beam_floor(beams: list, k: int, ev: EvalConfig) -> torch.Tensor:
+    """(B,) per prompt, the score of its k-th beam hypothesis less a margin, -inf with fewer than k: a floor for
+    `exact_ranking` that keeps its top k exact. That hypothesis is a real item, so the exact k-th scores at least
+    as much, and log-probs only fall along a SID. The margin covers the two searches' different float summation
+    orders: ~1e-6 nats in fp32, up to ~0.5 in bf16 (docs/traps.md)."""
+    margin = 1e-3 if ev.precision == "fp32" else 1.0
+    return torch.tensor([b[k - 1][1] - margin if len(b) >= k else float("-inf") for b in beams])
+
+
+def agreement(beam: list[list[int]], exact: list[list[int]], targets: list[int], k: int = 10) -> dict:
+    """Per-user top-k item lists both ways -> the "beam_vs_exact" figures (see beam_vs_exact)."""
+    n = max(len(targets), 1)
+    ranks = {name: [rank_of(t, its[:k]) for t, its in zip(targets, lists)] for name, lists in (("beam", beam), ("exact", exact))}
+    return {
+        "users": len(targets),
+        f"top{k}_equal": sum(a[:k] == b[:k] for a, b in zip(beam, exact)) / n,
+        f"top{k}_same_set": sum(set(a[:k]) == set(b[:k]) for a, b in zip(beam, exact)) / n,
+        f"recall@{k}": {name: sum(0 <= r < k for r in rs) / n for name, rs in ranks.items()},
+        f"ndcg@{k}": {name: sum(ndcg_at(r, k) for r in rs) / n for name, rs in ranks.items()},
+    }
+
+
 class RecommenderModule(L.LightningModule):
     def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig):
         super().__init__()
@@ -90,12 +144,8 @@ class RecommenderModule(L.LightningModule):
         return lm_training_step(self, batch)
 
     def _rank(self, batch) -> tuple[list[list[int]], torch.Tensor]:
-        with ranking_precision(self.model, self.cfg.eval.precision):  # not the training precision's autocast
-            beams = constrained_beam_search(
-                self.model, self.tokenizer, batch["input_ids"], batch["attention_mask"], self.trie,
-                num_beams=self.cfg.eval.num_beams, num_return=self.cfg.eval.num_beams,
-            )  # fmt: skip
-        items = beams_to_items(beams, self.trie)
+        sids = rank_sids(self.model, self.tokenizer, batch, self.trie, self.cfg.eval, self.cfg.eval.ranking)
+        items = beams_to_items(sids, self.trie)
         ranks = torch.tensor([rank_of(int(t), its) for t, its in zip(batch["target"], items)], device=self.device)
         return items, ranks
 

@@ -1,0 +1,97 @@
+"""How far a finished fine-tuning run's beam search is from the exact ranking of the whole catalogue.
+
+Loads RUN_DIR/model with plain transformers, rebuilds the test prompts as gti.finetune does (same data
+subset, history length, template, trie) and ranks the first N test users twice: trie-constrained beam search
+with --beams beams, and exact ranking (gti.rank.exact; its top 10, pruned below the 10th beam hypothesis, which
+cannot change it: gti.train.recommender.beam_floor). Prints the figures gti.finetune records under
+"beam_vs_exact" with eval.exact_check_users, and the seconds per user of each search. --full expands every
+trie node instead (every item scored, the cost of eval.ranking=exact) and checks that its top 10 is the
+pruned one's.
+    OMP_NUM_THREADS=1 python scripts/beam_vs_exact.py runs/finetune --users 100 --beams 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gti.core.config import EvalConfig
+from gti.data.dataset import leave_one_out, load_dataset
+from gti.data.slices import subset
+from gti.rank.trie import SidTrie, beams_to_items
+from gti.train.recommender import agreement, beam_floor, rank_sids
+from gti.train.rows import collate, eval_rows
+from gti.train.templates import PromptFormatter
+
+K = 10
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", type=Path, help="a finished gti.finetune output folder")
+    ap.add_argument("--users", type=int, default=100, help="first N test users (0: all)")
+    ap.add_argument("--beams", type=int, default=20, help="beam width of the compared search")
+    ap.add_argument("--batch-size", type=int, default=0, help="0: the run's eval.batch_size")
+    ap.add_argument("--full", action="store_true", help="also rank every item (no pruning) and time it")
+    args = ap.parse_args()
+
+    meta = json.loads((args.run_dir / "gti.json").read_text())
+    cfg = meta["config"]
+    ds = load_dataset(meta["dataset"]["root"], meta["dataset"]["name"], need_index=True)
+    ds = subset(ds, cfg["data"]["max_users"], cfg["data"]["max_items"])  # the users gti.finetune saw
+    test = leave_one_out(ds.inter, cfg["data"]["max_history"])["test"]
+    test = test[: args.users] if args.users > 0 else test
+    tok = AutoTokenizer.from_pretrained(args.run_dir / "model")
+    model = AutoModelForCausalLM.from_pretrained(args.run_dir / "model", dtype=torch.float32).eval()
+    trie = SidTrie([tok.convert_tokens_to_ids(ds.index[i]) for i in sorted(ds.index)], tok.eos_token_id)
+    rows = eval_rows(ds, test, PromptFormatter(tok), cfg["templates"][0])  # longest prompts first, as ranked
+    loader = DataLoader(rows, batch_size=args.batch_size or cfg["eval"]["batch_size"],
+                        collate_fn=lambda b: collate(b, tok.pad_token_id, left=True))  # fmt: skip
+    ev = EvalConfig(num_beams=args.beams, ks=[K], precision=cfg["eval"].get("precision", "fp32"))
+
+    lists: dict[str, list] = {"beam": [], "exact": [], "full": []}
+    seconds = dict.fromkeys(lists, 0.0)
+    targets: list[int] = []
+    for batch in tqdm(loader, desc="users", unit="batch"):
+        t0 = time.perf_counter()
+        beams = rank_sids(model, tok, batch, trie, ev, "beam")
+        t1 = time.perf_counter()
+        exact = rank_sids(model, tok, batch, trie, ev, "exact", floor=beam_floor(beams, K, ev))
+        t2 = time.perf_counter()
+        seconds["beam"] += t1 - t0
+        seconds["exact"] += t2 - t1
+        for name, sids in (("beam", beams), ("exact", exact)):
+            lists[name] += [its[:K] for its in beams_to_items(sids, trie)]
+        if args.full:
+            full = rank_sids(model, tok, batch, trie, ev, "exact")
+            seconds["full"] += time.perf_counter() - t2
+            lists["full"] += [its[:K] for its in beams_to_items(full, trie)]
+        targets += batch["target"].tolist()
+
+    n = len(targets)
+    fig = agreement(lists["beam"], lists["exact"], targets, K)
+    print(f"{args.run_dir}: {n} test users, {trie.num_items} items ({trie.num_nodes} trie nodes), beam {args.beams}, "
+          f"{torch.get_num_threads()} thread(s), ranked in {ev.precision}")  # fmt: skip
+    print(f"  beam top-{K} equals exact top-{K} (items and order): {fig[f'top{K}_equal']:.1%} of users")
+    print(f"  same top-{K} set:                                  {fig[f'top{K}_same_set']:.1%} of users")
+    for metric in (f"recall@{K}", f"ndcg@{K}"):
+        b, e = fig[metric]["beam"], fig[metric]["exact"]
+        print(f"  {metric}: beam {b:.4f}, exact {e:.4f} (exact - beam {e - b:+.4f})")
+    print(f"  seconds per user: beam {seconds['beam'] / n:.2f}, exact top-{K} {seconds['exact'] / n:.2f}", end="")
+    if args.full:
+        same = sum(a == b for a, b in zip(lists["full"], lists["exact"])) / n
+        print(f", every item {seconds['full'] / n:.2f} (its top-{K} equals the pruned one for {same:.1%})")
+    else:
+        print()
+    print(json.dumps({"beam_vs_exact": fig}))
+
+
+if __name__ == "__main__":
+    main()
