@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from gti.analysis.report import diagnose_rows, public
+from gti.analysis.snapshot import diagnose_rows, public
 from gti.tokens.vocab import NewTokens
 
 

@@ -25,7 +25,7 @@ def run(cfg: FinetuneConfig) -> Path:
         raise ConfigError.listing(problems)
     from torch.utils.data import DataLoader
 
-    from gti.analysis.report import diagnose_rows, public
+    from gti.analysis.snapshot import diagnose_rows, public
     from gti.core.io import write_json, write_jsonl
     from gti.data.dataset import leave_one_out
     from gti.indexing.ensure import ensure_dataset

@@ -33,7 +33,7 @@ def validate(cfg: GroundConfig) -> None:
 def run(cfg: GroundConfig) -> Path:
     import torch
 
-    from gti.analysis.report import diagnose_rows, public
+    from gti.analysis.snapshot import diagnose_rows, public
     from gti.core.runs import global_rank
     from gti.indexing.ensure import ensure_dataset
     from gti.tokens.extend import extend_model

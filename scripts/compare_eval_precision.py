@@ -16,18 +16,12 @@ import json
 import statistics
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from gti.data.dataset import leave_one_out, load_dataset
-from gti.data.slices import subset
 from gti.rank.beam_search import constrained_beam_search
-from gti.rank.trie import SidTrie, beams_to_items
+from gti.rank.trie import beams_to_items
 from gti.train.recommender import ranking_precision
-from gti.train.rows import collate, eval_rows
-from gti.train.templates import PromptFormatter
+from gti.train.stage import load_finetuned
 
 
 def rank(model, tok, trie, loader, num_beams: int, precision: str) -> tuple[list[list[int]], list[dict]]:
@@ -51,19 +45,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=0, help="0: the run's eval.batch_size (same padding)")
     args = ap.parse_args()
 
-    meta = json.loads((args.run_dir / "gti.json").read_text())
-    cfg = meta["config"]
-    ds = load_dataset(meta["dataset"]["root"], meta["dataset"]["name"], need_index=True)
-    ds = subset(ds, cfg["data"]["max_users"], cfg["data"]["max_items"])  # the users gti.finetune saw
-    test = leave_one_out(ds.inter, cfg["data"]["max_history"])["test"]
-    test = test[: args.users] if args.users > 0 else test
-    tok = AutoTokenizer.from_pretrained(args.run_dir / "model")
-    model = AutoModelForCausalLM.from_pretrained(args.run_dir / "model", dtype=torch.float32).eval()
-    trie = SidTrie([tok.convert_tokens_to_ids(ds.index[i]) for i in sorted(ds.index)], tok.eos_token_id)
-    rows = eval_rows(ds, test, PromptFormatter(tok), cfg["templates"][0])  # longest prompts first, as ranked
-    test = [test[i] for i in rows["index"]]  # in the order of the rows
-    loader = DataLoader(rows, batch_size=args.batch_size or cfg["eval"]["batch_size"],
-                        collate_fn=lambda b: collate(b, tok.pad_token_id, left=True))  # fmt: skip
+    run = load_finetuned(args.run_dir, args.users, args.batch_size)
+    model, tok, trie, loader, cfg, test = run.model, run.tokenizer, run.trie, run.loader, run.cfg, run.test
     beams, k = cfg["eval"]["num_beams"], args.k
 
     items32, scores32 = rank(model, tok, trie, loader, beams, "fp32")

@@ -13,6 +13,8 @@ how stage 2 starts from a stage-1 folder.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from gti.core.config import to_dict
@@ -100,7 +102,8 @@ def load_stage1(cfg):
     tokenizer = AutoTokenizer.from_pretrained(run.model_dir)
     model = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32)
     start, tokens = run.new_tokens
-    if len(tokenizer) != start + len(tokens) or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+    sizes = {start + len(tokens), start + meta["new_tokens"]["count"]}
+    if sizes != {len(tokenizer)} or model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         raise ConfigError(f"{run.model_dir}: tokenizer size {len(tokenizer)} does not match gti.json / embedding rows")
     return model, tokenizer, ds, NewTokens(tokens, start, [[] for _ in tokens]), meta
 
@@ -122,3 +125,42 @@ def run_metadata(stage: str, cfg, ds, new, **extra) -> dict:
         "cost": peak_memory_mb(),
         **extra,
     }
+
+
+@dataclass
+class Reranking:
+    """A finished gti.finetune run made ready to rank its test users again (scripts compare rankings with it)."""
+
+    model: object  # the run's model/, fp32, eval mode
+    tokenizer: object
+    cfg: dict  # the run's resolved config, as gti.json records it
+    test: list  # the first N test examples, in the order of `loader`'s rows (longest prompts first)
+    trie: object  # gti.rank.trie.SidTrie of the run's SID index
+    loader: object  # left-padded prompt batches, as gti.finetune ranks them
+
+
+def load_finetuned(run_dir: str | Path, users: int = 0, batch_size: int = 0) -> Reranking:
+    """RUN_DIR's model, and its test prompts rebuilt as gti.finetune built them (the same data slice, history
+    length, template and trie). `users` > 0: the first N test users only; `batch_size` 0: the run's eval.batch_size."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from gti.data.dataset import leave_one_out, load_dataset
+    from gti.data.slices import subset
+    from gti.rank.trie import SidTrie
+    from gti.train.rows import collate, eval_rows
+    from gti.train.templates import PromptFormatter
+
+    run = read_run(run_dir, "finetune", what="RUN_DIR")
+    cfg = run.meta["config"]
+    root, name = run.dataset
+    ds = subset(load_dataset(root, name, need_index=True), cfg["data"]["max_users"], cfg["data"]["max_items"])
+    test = leave_one_out(ds.inter, cfg["data"]["max_history"], train=False)["test"]
+    test = test[:users] if users > 0 else test
+    tok = AutoTokenizer.from_pretrained(run.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32).eval()
+    trie = SidTrie([tok.convert_tokens_to_ids(ds.index[i]) for i in sorted(ds.index)], tok.eos_token_id)
+    rows = eval_rows(ds, test, PromptFormatter(tok), cfg["templates"][0])  # longest prompts first, as ranked
+    loader = DataLoader(rows, batch_size=batch_size or cfg["eval"]["batch_size"], collate_fn=partial(collate, pad_id=tok.pad_token_id, left=True))
+    return Reranking(model, tok, cfg, [test[i] for i in rows["index"]], trie, loader)

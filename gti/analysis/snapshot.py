@@ -1,4 +1,4 @@
-"""The diagnostics of a model's new-token rows written into a run folder (json + plots)."""
+"""A snapshot of the new-token rows' geometry written into a run folder (json + plots), at each stage's checkpoints."""
 
 from __future__ import annotations
 
