@@ -19,8 +19,11 @@ from gti.core.errors import ConfigError
 
 def run(cfg: FinetuneConfig) -> Path:
     from gti.tokens.init_strategies import init_problems
+    from gti.train.templates import REC_TEMPLATES
 
     problems = eval_problems(cfg.eval) + ([] if cfg.init_from else init_problems(cfg.init, cfg.init_options))
+    if not cfg.templates or not all(0 <= t < len(REC_TEMPLATES) for t in cfg.templates):
+        problems.append(f"templates={list(cfg.templates)}: one or more indices of the {len(REC_TEMPLATES)} rec templates (0..{len(REC_TEMPLATES) - 1})")
     if problems:
         raise ConfigError.listing(problems)
     from torch.utils.data import DataLoader

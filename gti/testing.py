@@ -1,12 +1,20 @@
-"""Helpers for tests and benchmark scripts: a tiny random Llama, and HF `generate` with a trie constraint as the reference decoder."""
+"""Helpers for tests and benchmark scripts: a tiny random Llama, HF `generate` with a trie constraint as the reference
+decoder, and the row-by-row tokenisation that the cached rows (gti.train.rows) are checked against."""
 
 from __future__ import annotations
 
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from gti.core.config import FinetuneConfig
+from gti.core.log import get_logger
+from gti.data.dataset import Dataset, Example
 from gti.rank.beam_reference import check_left_padded
 from gti.rank.trie import DEAD_SCORE, SidTrie
+from gti.tokens.vocab import NewTokens
+from gti.train.grounding import grounding_specs, shortened_note
+from gti.train.recommender import check_prompt_lengths, rec_prompt, supervise_history
+from gti.train.templates import Encoded, PromptFormatter
 
 
 class TrieLogitsProcessor(LogitsProcessor):
@@ -166,3 +174,36 @@ def make_tiny_llama(vocab_size: int, tied: bool = True, seed: int = 0, **config)
     model = LlamaForCausalLM(config)
     model.eval()
     return model
+
+
+def grounding_examples(
+    ds: Dataset, new: NewTokens, fmt: PromptFormatter, templates: list[str], max_length: int, stage: str = "gti.ground"
+) -> list[Encoded]:
+    # rows too long lose free text (description, then title), never their SID or token (docs/traps.md)
+    rows, shortened = fmt.encode_many(grounding_specs(ds, new, templates), max_length)
+    get_logger(stage.removeprefix("gti.")).info(shortened_note(shortened, len(rows), max_length))  # [gti.ground] ...
+    return rows
+
+
+def train_rows(ds: Dataset, train: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig, new: NewTokens) -> list:
+    # the reference for gti.train.rows.rec_train_rows (what the stages use: the same rows composed and cached),
+    # every row tokenised from its text. The paper's three phrasings, one per example in turn; rec rows have no free text to shorten, so
+    # a history too long is an error named here, before encode() would raise on it
+    if train:
+        check_prompt_lengths(ds, train, fmt, cfg)
+    rows = [fmt.encode(*rec_prompt(ds, ex, cfg.templates[ex.index % len(cfg.templates)]), cfg.max_length) for ex in train]
+    if cfg.history_loss:
+        rows = [supervise_history(r, len(ds.index[ex.history[0]]), new.start) for r, ex in zip(rows, train)]
+    if cfg.multitask:  # LC-Rec multi-task baseline: also learn text <-> SID
+        from gti.train.templates import GROUNDING_TEMPLATES
+
+        rows += grounding_examples(ds, new, fmt, list(GROUNDING_TEMPLATES), cfg.max_length, stage="gti.finetune")
+    return rows
+
+
+def last_per_user(examples: list[Example], n: int, stride: int = 1) -> list[Example]:
+    """Each user's last n examples, `stride` apart (splits list them user by user in time order)."""
+    by_user: dict[int, list[Example]] = {}
+    for ex in examples:
+        by_user.setdefault(ex.user, []).append(ex)
+    return [ex for exs in by_user.values() for ex in exs[::-stride][:n][::-1]]

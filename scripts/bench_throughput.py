@@ -136,11 +136,10 @@ def device_for(accelerator: str) -> torch.device:
 def build(args):
     """SmolLM2 extended with ML-100K's SID tokens (random new rows), its grounding and fine-tuning rows."""
     from gti.core.config import DataConfig, FinetuneConfig, GroundStageConfig
-    from gti.data.dataset import last_per_user, leave_one_out, load_dataset
+    from gti.data.dataset import leave_one_out, load_dataset
     from gti.data.slices import subset
+    from gti.testing import grounding_examples, last_per_user, train_rows
     from gti.tokens.extend import extend_model
-    from gti.train.grounding import grounding_examples
-    from gti.train.recommender import train_rows
     from gti.train.templates import PromptFormatter
 
     ds = subset(load_dataset(args.data_root, args.dataset, need_index=True), 0, 0)

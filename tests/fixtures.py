@@ -24,7 +24,8 @@ def write_toy_dataset(root: Path, name: str = "toy", users: int = 9, items: int 
 def spy_train_rows(monkeypatch) -> dict:
     """Record what gti.finetune.run really trains on: its rows (as Encoded) and the split examples behind them."""
     import gti.train.rows
-    from gti.data.dataset import last_per_user, leave_one_out
+    from gti.data.dataset import leave_one_out
+    from gti.testing import last_per_user
     from gti.train.templates import Encoded
 
     seen: dict = {}

@@ -121,7 +121,8 @@ def test_misspelt_init_option_is_named_before_any_compute(tmp_path, tiny_model_d
 
     with pytest.raises(ConfigError, match=r"init_options.temprature: unknown option; did you mean 'temperature'\?"):
         run(ground_cfg(tmp_path, tiny_model_dir, init="topk", init_options={"temprature": 0.1}))
-    cfg = FinetuneConfig(model=tiny_model_dir, output_dir=str(tmp_path / "f"), init="topk", init_options={"kk": 4})
-    with pytest.raises(ConfigError, match=r"init_options.kk: unknown option; did you mean 'k'\?"):
+    cfg = FinetuneConfig(model=tiny_model_dir, output_dir=str(tmp_path / "f"), init="topk", init_options={"kk": 4}, templates=[0, 5])
+    with pytest.raises(ConfigError, match=r"init_options.kk: unknown option; did you mean 'k'\?") as e:
         finetune(cfg)
+    assert "templates=[0, 5]: one or more indices of the 3 rec templates (0..2)" in str(e.value)
     assert not (tmp_path / "f.partial").exists() and not (tmp_path / "g.partial").exists()

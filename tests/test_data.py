@@ -87,7 +87,7 @@ def test_index_reader_rejects_bad_entries(tmp_path):
 
 
 def test_last_per_user_keeps_the_latest_prefixes():
-    from gti.data.dataset import last_per_user
+    from gti.testing import last_per_user
 
     train = leave_one_out({0: list(range(7)), 1: [5, 6, 7, 8]}, max_history=20)["train"]
     kept = last_per_user(train, 2)
@@ -95,7 +95,7 @@ def test_last_per_user_keeps_the_latest_prefixes():
 
 
 def test_last_per_user_with_stride_tiles_the_sequence():
-    from gti.data.dataset import last_per_user
+    from gti.testing import last_per_user
 
     train = leave_one_out({0: list(range(12))}, max_history=3)["train"]
     kept = last_per_user(train, 3, stride=3)  # each window's target is the next window's first history item

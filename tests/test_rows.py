@@ -9,11 +9,11 @@ import pytest
 from fixtures import write_toy_dataset
 
 from gti.core.config import DataConfig, FinetuneConfig
-from gti.data.dataset import last_per_user, leave_one_out, load_dataset
+from gti.data.dataset import leave_one_out, load_dataset
+from gti.testing import grounding_examples, last_per_user, train_rows
 from gti.tokens.vocab import add_tokens, sid_tokens
 from gti.train.compose import RecComposer
-from gti.train.grounding import grounding_examples
-from gti.train.recommender import rec_prompt, train_rows
+from gti.train.recommender import rec_prompt
 from gti.train.rows import collate, eval_rows, grounding_rows, rec_train_rows, train_table
 from gti.train.templates import GROUNDING_TEMPLATES, PromptFormatter
 

@@ -7,9 +7,9 @@ import pytest
 from gti.core.config import FinetuneConfig
 from gti.core.errors import ConfigError
 from gti.data.dataset import Dataset, leave_one_out
+from gti.testing import grounding_examples, train_rows
 from gti.tokens.vocab import add_tokens
-from gti.train.grounding import grounding_examples
-from gti.train.recommender import check_prompt_lengths, rec_prompt, train_rows
+from gti.train.recommender import check_prompt_lengths, rec_prompt
 from gti.train.templates import PromptFormatter
 
 SENTENCE = (

@@ -205,14 +205,6 @@ def leave_one_out(inter: dict[int, list[int]], max_history: int = 20, train: boo
     return splits
 
 
-def last_per_user(examples: list[Example], n: int, stride: int = 1) -> list[Example]:
-    """Each user's last n examples, `stride` apart (splits list them user by user in time order)."""
-    by_user: dict[int, list[Example]] = {}
-    for ex in examples:
-        by_user.setdefault(ex.user, []).append(ex)
-    return [ex for exs in by_user.values() for ex in exs[::-stride][:n][::-1]]
-
-
 # ----------------------------------------------------------------------------------------- preprocessing
 def natural_key(x: Hashable) -> tuple:
     s = str(x)

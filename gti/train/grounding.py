@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import lightning as L
 
-from gti.core.log import get_logger
 from gti.data.dataset import Dataset
 from gti.tokens.overlay import FrozenBf16, install_overlay
 from gti.tokens.vocab import NewTokens
 from gti.train.step import lm_training_step, start_fit
-from gti.train.templates import GROUNDING_TEMPLATES, Encoded, PromptFormatter, sid_string
+from gti.train.templates import GROUNDING_TEMPLATES, sid_string
 from gti.train.trainer import adamw_with_warmup, clip_gradients
 
 TOKEN_TEMPLATES = {  # for tokens.jsonl entries (domain words, special tokens, another language)
@@ -75,15 +74,6 @@ def grounding_specs(ds: Dataset, new: NewTokens, templates: list[str]) -> list[t
             fields = {"token": token, "description": descs[0]}
             specs += [(template, fields, f"token {token}: the {name} row") for name, template in TOKEN_TEMPLATES.items()]
     return specs
-
-
-def grounding_examples(
-    ds: Dataset, new: NewTokens, fmt: PromptFormatter, templates: list[str], max_length: int, stage: str = "gti.ground"
-) -> list[Encoded]:
-    # rows too long lose free text (description, then title), never their SID or token (docs/traps.md)
-    rows, shortened = fmt.encode_many(grounding_specs(ds, new, templates), max_length)
-    get_logger(stage.removeprefix("gti.")).info(shortened_note(shortened, len(rows), max_length))  # [gti.ground] ...
-    return rows
 
 
 def shortened_note(shortened: int, total: int, max_length: int) -> str:

@@ -16,7 +16,6 @@ from gti.rank.exact import exact_ranking
 from gti.rank.metrics import RankingMetrics, ndcg_at, rank_of
 from gti.rank.trie import SidTrie, beams_to_items
 from gti.tokens.overlay import FrozenBf16
-from gti.tokens.vocab import NewTokens
 from gti.train.step import lm_training_step, start_fit
 from gti.train.templates import Encoded, PromptFormatter, render_rec
 from gti.train.trainer import adamw_with_warmup
@@ -185,23 +184,6 @@ def supervise_history(enc: Encoded, first_item_len: int, new_start: int) -> Enco
             if seen > first_item_len:
                 labels[j] = t
     return Encoded(enc.input_ids, labels)
-
-
-def train_rows(ds: Dataset, train: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig, new: NewTokens) -> list:
-    # the reference for gti.train.rows.rec_train_rows (what the stages use: the same rows composed and cached),
-    # every row tokenised from its text. The paper's three phrasings, one per example in turn; rec rows have no free text to shorten, so
-    # a history too long is an error named here, before encode() would raise on it
-    if train:
-        check_prompt_lengths(ds, train, fmt, cfg)
-    rows = [fmt.encode(*rec_prompt(ds, ex, cfg.templates[ex.index % len(cfg.templates)]), cfg.max_length) for ex in train]
-    if cfg.history_loss:
-        rows = [supervise_history(r, len(ds.index[ex.history[0]]), new.start) for r, ex in zip(rows, train)]
-    if cfg.multitask:  # LC-Rec multi-task baseline: also learn text <-> SID
-        from gti.train.grounding import grounding_examples
-        from gti.train.templates import GROUNDING_TEMPLATES
-
-        rows += grounding_examples(ds, new, fmt, list(GROUNDING_TEMPLATES), cfg.max_length, stage="gti.finetune")
-    return rows
 
 
 def check_prompt_lengths(ds: Dataset, examples: list[Example], fmt: PromptFormatter, cfg: FinetuneConfig) -> None:

@@ -110,7 +110,7 @@ def collate(rows: list[dict], pad_id: int, left: bool = False) -> dict:
 
 # ----------------------------------------------------------------------------------------- grounding rows
 def grounding_rows(ds: Dataset, new, fmt: PromptFormatter, templates: list[str], max_length: int, stage: str):
-    """The grounding rows of gti.train.grounding.grounding_examples, as a cached dataset (same rows, same order)."""
+    """The grounding rows of gti.testing.grounding_examples (each row tokenised from its text), as a cached dataset (same rows, same order)."""
     from gti.train.grounding import grounding_specs, shortened_note
 
     key = {"kind": "ground", "tokenizer": tokenizer_fingerprint(fmt), "data": data_fingerprint(ds),
@@ -152,7 +152,7 @@ class TrainTable:
 
 def train_table(inter: dict[int, list[int]], per_user: int = 0, stride: int = 1) -> TrainTable:
     """leave_one_out's train split (every prefix of seq[:-2]) without an Example per prefix; per_user > 0 keeps
-    each user's last per_user rows, stride apart, as data.last_per_user does."""
+    each user's last per_user rows, stride apart, as gti.testing.last_per_user picks them."""
     users, positions, indices, offset = [], [], [], 0
     for user in sorted(inter):
         n = len(inter[user]) - 3  # targets at positions 1 .. len-3
