@@ -168,8 +168,8 @@ def summarize(
 
 
 # ----------------------------------------------------------------------------------------- plots
-def _figure(figsize):
-    # a bare Figure on an Agg canvas: no pyplot global state, no GUI backend, safe in any thread
+def new_figure(figsize):
+    """A bare Figure on an Agg canvas: no pyplot global state, no GUI backend, safe in any thread."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -184,7 +184,7 @@ def plot_spectrum(matrices: dict[str, torch.Tensor], path) -> None:
     A collapsed matrix (mean init: every row equal) has a centred spectrum of zeros; it is drawn at
     the 1e-12 floor, not normalised into a flat line.
     """
-    fig = _figure((6, 4))
+    fig = new_figure((6, 4))
     ax = fig.add_subplot()
     for name, E in matrices.items():
         s_u, s = spectrum(E), spectrum(E, centered=True)
@@ -211,7 +211,7 @@ def _heatmap(ax, E: torch.Tensor, order: list[int], title: str):
 
 def plot_cosine_map(E: torch.Tensor, order: list[int], path, title: str = "cosine") -> None:
     """Cosine heatmap of the rows of E in `order` (e.g. `level_order(tokens)`: level, then code)."""
-    fig = _figure((5, 4.4))
+    fig = new_figure((5, 4.4))
     ax = fig.add_subplot()
     im = _heatmap(ax, E, order, title)
     fig.colorbar(im, ax=ax, fraction=0.046)
@@ -222,7 +222,7 @@ def plot_cosine_map(E: torch.Tensor, order: list[int], path, title: str = "cosin
 def plot_cosine_maps(matrices: dict[str, torch.Tensor], path, order: list[int] | None = None) -> None:
     """Several cosine heatmaps side by side (same row order for all, identity by default)."""
     n = len(matrices)
-    fig = _figure((3.2 * n + 0.6, 3.4))
+    fig = new_figure((3.2 * n + 0.6, 3.4))
     axes = fig.subplots(1, n, squeeze=False)[0]
     im = None
     for ax, (name, E) in zip(axes, matrices.items()):

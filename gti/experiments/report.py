@@ -169,19 +169,16 @@ def _resolution(res: dict) -> str:
 
 
 def plots(res: dict, planned: Planned, ks: list[int], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from gti.analysis.diagnostics import plot_cosine_maps, plot_spectrum
+    from gti.analysis.diagnostics import new_figure, plot_cosine_maps, plot_spectrum
+    from gti.core.io import save_figure
 
     rows = {}
     for name, m in res["methods"].items():  # the rows of each method's first finished seed
         rows[name] = new_rows_from_run(dict(planned[name])[m["seeds"][0]] / "finetune")
     plot_spectrum(rows, out / "spectra.png")
     plot_cosine_maps(rows, out / "cosine_maps.png")
-    fig, ax = plt.subplots(figsize=(2 + 1.5 * len(res["methods"]), 4))
+    fig = new_figure((2 + 1.5 * len(res["methods"]), 4))
+    ax = fig.add_subplot()
     width = 0.8 / len(ks)
     for j, k in enumerate(ks):
         means = [m["metrics"][f"recall@{k}"][0] for m in res["methods"].values()]
@@ -192,8 +189,7 @@ def plots(res: dict, planned: Planned, ks: list[int], out: Path) -> None:
     ax.set_ylabel("test recall (dashed: popularity)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out / "metrics.png", dpi=120)
 
 
 def new_rows_from_run(run: Path):

@@ -8,7 +8,7 @@ from gti.rank.beam_reference import check_left_padded, constrained_beam_search_r
 from gti.rank.trie import DEAD_SCORE, SidTrie
 
 
-def _takes_tree_mask(config, span: int) -> bool:
+def takes_tree_mask(config, span: int) -> bool:
     """Whether the model's attention takes a custom 4D mask (sdpa: bool, eager: additive; flash and flex take
     none) and a full-attention mask is exact: no sliding window shorter than the `span` positions decoded."""
     window = getattr(config, "sliding_window", None)
@@ -48,7 +48,7 @@ def constrained_beam_search(
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     check_left_padded(attention_mask)
     steps = max_new_tokens or trie.max_len + 1
-    if not _takes_tree_mask(model.config, input_ids.shape[1] + steps):
+    if not takes_tree_mask(model.config, input_ids.shape[1] + steps):
         return constrained_beam_search_reference(
             model, tokenizer, input_ids, attention_mask, trie, num_beams, num_return, max_new_tokens
         )
@@ -129,16 +129,17 @@ def _decode_beams(model, cache, token: torch.Tensor, visible: torch.Tensor, posi
     """One step of every beam: token (B, K) at position (B,), as K query positions of its prompt's row.
 
     visible (B, K, S) marks the cache slots each beam attends to: the prompt, then one slot per beam per step.
-    The cache grows by K slots per row in place. Returns (B, K, V) log-probs."""
-    mask = visible[:, None]  # (B, 1, K, S), the same for all heads; sdpa takes it as bool (True = attend)
+    The cache grows by K slots per row in place. Returns (B, K, V) log-probs. Dead beams (score -inf) hold
+    some real token too; their outputs are never read."""
+    return torch.log_softmax(decode_tree(model, cache, token, visible[:, None], position), dim=-1)
+
+
+def decode_tree(model, cache, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """One forward of C query tokens per prompt row over the shared cache: tokens (B, C) all at position (B,),
+    mask (B, 1, C, S) bool (True = attend; the same for all heads) -> (B, C, V) float32 logits.
+    The cache grows by C slots per row in place. Beam search and exact ranking both decode this way."""
     if model.config._attn_implementation == "eager":  # eager adds its mask to the attention scores
         bias = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device)
         mask = bias.masked_fill(~mask, torch.finfo(model.dtype).min)
-    out = model(
-        input_ids=token,  # dead beams (score -inf) hold some real token too; their outputs are never read
-        attention_mask=mask,
-        position_ids=position[:, None].expand_as(token),
-        cache=cache,
-        use_cache=True,
-    )
-    return torch.log_softmax(out.logits.float(), dim=-1)
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=position[:, None].expand_as(tokens), cache=cache, use_cache=True)
+    return out.logits.float()

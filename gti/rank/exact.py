@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from gti.rank.beam_reference import check_left_padded, prefill
-from gti.rank.beam_search import _takes_tree_mask
+from gti.rank.beam_search import decode_tree, takes_tree_mask
 from gti.rank.trie import DEAD_SCORE, SidTrie
 
 
@@ -39,7 +39,7 @@ def exact_ranking(
     if num_return < 1:
         raise ValueError(f"num_return must be >= 1, got {num_return}")
     check_left_padded(attention_mask)
-    if not _takes_tree_mask(model.config, input_ids.shape[1] + trie.max_len + 1):
+    if not takes_tree_mask(model.config, input_ids.shape[1] + trie.max_len + 1):
         raise ValueError(
             f"exact ranking decodes the trie with tree attention, which attn_implementation="
             f"{model.config._attn_implementation!r} (or a short sliding window) cannot take; load the model "
@@ -75,7 +75,7 @@ def exact_ranking(
                 start = cache.get_seq_length()
                 slot[nodes] = start + torch.arange(nodes.numel(), device=device)
                 mask = _tree_mask(prompt_slots, slot, tree.ancestors(nodes, depth), start + nodes.numel())
-                logits = _decode(model, cache, tree.token[nodes], mask, last_pos + depth)
+                logits = decode_tree(model, cache, tree.token[nodes][None].expand(batch, -1), mask, last_pos + depth)
                 _read(trie, score, final, nodes, logits)
                 if not keep:  # leaves: nothing will attend to them
                     cache.crop(-nodes.numel())
@@ -137,22 +137,6 @@ def _tree_mask(prompt: torch.Tensor, slot: torch.Tensor, lineage: torch.Tensor, 
     tree = torch.zeros(rows, length - width, dtype=torch.bool, device=prompt.device)
     tree.scatter_(1, slot[lineage] - width, True)  # every ancestor of a decoded node holds a slot
     return torch.cat([prompt[:, None].expand(-1, rows, -1), tree.expand(batch, -1, -1)], 2)[:, None]
-
-
-def _decode(model, cache, tokens: torch.Tensor, mask: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """One forward of C trie nodes (C,) in every prompt's row at position (B,) -> (B, C, V) float32 logits."""
-    batch = position.shape[0]
-    if model.config._attn_implementation == "eager":  # eager adds its mask to the attention scores
-        bias = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device)
-        mask = bias.masked_fill(~mask, torch.finfo(model.dtype).min)
-    out = model(
-        input_ids=tokens[None].expand(batch, -1),
-        attention_mask=mask,
-        position_ids=position[:, None].expand(-1, tokens.numel()),
-        cache=cache,
-        use_cache=True,
-    )
-    return out.logits.float()
 
 
 def _read(trie: SidTrie, score: torch.Tensor, final: torch.Tensor, nodes: torch.Tensor, logits: torch.Tensor) -> None:
