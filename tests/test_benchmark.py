@@ -1,5 +1,6 @@
 """The benchmark harness on the tiny model: cells run through the real stage code, resume skips them."""
 
+import copy
 import json
 import subprocess
 from pathlib import Path
@@ -63,6 +64,10 @@ def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
     capsys.readouterr()
     run(cfg)  # everything finished: all cells are skipped
     assert capsys.readouterr().out.count("done, skipped") == 3
+    changed = copy.deepcopy(cfg)  # a finished cell of other settings is not mixed into the table
+    changed.finetune.optim.lr = 5e-3
+    with pytest.raises(GtiError, match=r"is finished, but it ran with other settings(.|\n)*optim.lr: 0.001 then, 0.005 now"):
+        run(changed)
     cfg.report_only = True
     cfg.methods = ["mean", "gti-description", "random"]  # a method with no finished cell is left out
     assert "random" not in json.loads((run(cfg) / "results.json").read_text())["methods"]

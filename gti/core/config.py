@@ -206,13 +206,14 @@ class SasrecConfig:
 
 
 # ----------------------------------------------------------------------------------------- loading
-def _flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+def flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested config dict as (dotted key, value) pairs; `*_options` dicts stay whole values."""
     if isinstance(d, dict) and d:
         out = []
         for k, v in d.items():
             key = f"{prefix}.{k}" if prefix else str(k)
             # dict-typed fields (init_options) take a whole dict: only descend into sub-configs
-            out.extend(_flatten(v, key) if isinstance(v, dict) and not key.endswith("_options") else [(key, v)])
+            out.extend(flatten(v, key) if isinstance(v, dict) and not key.endswith("_options") else [(key, v)])
         return out
     return [(prefix, d)]
 
@@ -240,7 +241,7 @@ def load_config(schema: type[T], argv: list[str] | None = None, yaml_path: str |
             loaded = OmegaConf.to_container(OmegaConf.load(yaml_path)) or {}
         except Exception as e:  # yaml syntax errors carry the line
             raise ConfigError(f"{yaml_path}: cannot parse YAML: {e}") from None
-        pairs += [(k, v, yaml_path) for k, v in _flatten(loaded)]
+        pairs += [(k, v, yaml_path) for k, v in flatten(loaded)]
     for item in argv:
         try:
             k, v = _parse_override(item)
@@ -268,7 +269,7 @@ def load_config(schema: type[T], argv: list[str] | None = None, yaml_path: str |
 def _suggest(schema: type, key: str) -> str:
     import difflib
 
-    known = [k for k, _ in _flatten(OmegaConf.to_container(OmegaConf.structured(schema)))]
+    known = [k for k, _ in flatten(OmegaConf.to_container(OmegaConf.structured(schema)))]
     close = difflib.get_close_matches(key, known, n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
 
@@ -295,6 +296,7 @@ __all__ = [
     "load_config",
     "to_dict",
     "to_yaml",
+    "flatten",
     "eval_problems",
 ]
 

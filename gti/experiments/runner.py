@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gti.core.config import to_yaml
+import yaml
+from omegaconf import OmegaConf
+
+from gti.core.config import flatten, to_yaml
 from gti.core.errors import ConfigError, GtiError
 from gti.core.io import atomic_write_text
 from gti.core.runs import read_run
@@ -49,7 +52,30 @@ class Step:
         return shlex.join(["python", "-m", self.module, *self.argv])  # quoted so that it pastes into a shell
 
     def finished(self) -> bool:
-        return self.output is not None and finished(self.output, self.stage)
+        """Whether its run folder is complete. A finished run that was started from other settings than `config`
+        is an error, not a skip: a resumed benchmark must not mix cells of two configs in one table."""
+        done = self.output is not None and finished(self.output, self.stage)
+        if done and self.config is not None:
+            self.check_unchanged()
+        return done
+
+    def check_unchanged(self) -> None:
+        """Compares `config` with the YAML the finished run was started from (argv[0]). Keys only one side has are
+        left out: a later gti may add settings whose defaults keep the old behaviour."""
+        path = Path(self.argv[0])
+        if not path.is_file():
+            return
+        try:
+            old = dict(flatten(yaml.safe_load(path.read_text()) or {}))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        new = dict(flatten(OmegaConf.to_container(OmegaConf.structured(self.config))))
+        changed = [f"{k}: {old[k]!r} then, {new[k]!r} now" for k in new if k in old and old[k] != new[k]]
+        if changed:
+            raise ConfigError(
+                str(ConfigError.listing(changed, f"{self.output} is finished, but it ran with other settings ({path})"))
+                + f"\nmove {self.output} away (or choose another output_dir) to run it again, or restore the settings"
+            )
 
 
 HF_STAGES = ("ground", "finetune")  # stages whose run folder holds an HF model/ (read_run checks it)
