@@ -6,7 +6,7 @@ with --beams beams, and exact ranking (gti.rank.exact; its top 10, pruned below 
 cannot change it: gti.train.recommender.beam_floor). Prints the figures gti.finetune records under
 "beam_vs_exact" with eval.exact_check_users, and the seconds per user of each search. --full expands every
 trie node instead (every item scored, the cost of eval.ranking=exact) and checks that its top 10 is the
-pruned one's.
+pruned one's. --record also writes the figures into RUN_DIR/metrics.json, where the benchmark report reads them.
     OMP_NUM_THREADS=1 python scripts/beam_vs_exact.py runs/finetune --users 100 --beams 20
 """
 
@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from gti.core.config import EvalConfig
+from gti.core.io import write_json
 from gti.rank.trie import beams_to_items
 from gti.train.recommender import agreement, beam_floor, rank_sids
 from gti.train.stage import load_finetuned
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=20, help="beam width of the compared search")
     ap.add_argument("--batch-size", type=int, default=0, help="0: the run's eval.batch_size")
     ap.add_argument("--full", action="store_true", help="also rank every item (no pruning) and time it")
+    ap.add_argument("--record", action="store_true", help='write the figures to RUN_DIR/metrics.json "beam_vs_exact"')
     args = ap.parse_args()
 
     run = load_finetuned(args.run_dir, args.users, args.batch_size)
@@ -76,6 +78,10 @@ def main() -> None:
     else:
         print()
     print(json.dumps({"beam_vs_exact": fig}))
+    if args.record:
+        metrics = args.run_dir / "metrics.json"
+        write_json(metrics, {**json.loads(metrics.read_text()), "beam_vs_exact": fig})
+        print(f"recorded in {metrics}")
 
 
 if __name__ == "__main__":
