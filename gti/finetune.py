@@ -32,6 +32,7 @@ def run(cfg: FinetuneConfig) -> Path:
     from gti.core.io import write_json, write_jsonl
     from gti.data.dataset import leave_one_out
     from gti.indexing.ensure import ensure_dataset
+    from gti.rank.metrics import versus_popularity
     from gti.rank.trie import SidTrie
     from gti.tokens.extend import extend_model
     from gti.train.lora import apply_lora, merge_lora
@@ -118,6 +119,7 @@ def run(cfg: FinetuneConfig) -> Path:
     return stage.finish(model, tokenizer, meta, report=(
         "test: " + ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "@" in k),
         "popularity: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics["baselines"]["test"]["popularity"].items() if "@" in k),
+        versus_popularity(test_metrics, metrics["baselines"]["test"]["popularity"], cfg.eval.ks),
     ))  # fmt: skip
 
 

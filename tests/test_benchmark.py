@@ -68,6 +68,10 @@ def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
     changed.finetune.optim.lr = 5e-3
     with pytest.raises(GtiError, match=r"is finished, but it ran with other settings(.|\n)*optim.lr: 0.001 then, 0.005 now"):
         run(changed)
+    changed = copy.deepcopy(cfg)  # grounding settings too: the finetune YAML only names the grounded folder
+    changed.ground.max_length = 48
+    with pytest.raises(GtiError, match=r"ground is finished, but(.|\n)*max_length: 64 then, 48 now"):
+        run(changed)
     cfg.report_only = True
     cfg.methods = ["mean", "gti-description", "random"]  # a method with no finished cell is left out
     assert "random" not in json.loads((run(cfg) / "results.json").read_text())["methods"]

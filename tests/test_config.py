@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gti.core.config import FinetuneConfig, GroundConfig, PrepareConfig, SasrecConfig, SidsConfig, _flatten, load_config
+from gti.core.config import FinetuneConfig, GroundConfig, PrepareConfig, SasrecConfig, SidsConfig, flatten, load_config
 from gti.core.errors import ConfigError
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
@@ -38,7 +38,7 @@ def test_every_yaml_loads(path):
     schema = schema_for(path)
     cfg = load_config(schema, [str(path)])
     assert isinstance(cfg, schema)
-    leaves = _flatten(OmegaConf.to_container(OmegaConf.load(path)))
+    leaves = flatten(OmegaConf.to_container(OmegaConf.load(path)))
     assert len(leaves) >= 3, f"{path.name}: suspiciously few keys"
     for key, value in leaves:  # every key of the YAML lands in the typed config with the YAML's value
         got = value_at(cfg, key)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gti.rank.metrics import RankingMetrics, ndcg_at, popularity_ranking, random_ranking, rank_of
+from gti.rank.metrics import RankingMetrics, ndcg_at, popularity_ranking, random_ranking, rank_of, versus_popularity
 
 
 def test_rank_of():
@@ -91,3 +91,13 @@ def test_baseline_through_metric():
     out = metric.compute()
     assert out["recall@1"] == pytest.approx(1 / 3)
     assert out["recall@2"] == pytest.approx(2 / 3)
+
+
+def test_versus_popularity_counts_hits_at_10():
+    pop = {"recall@10": 0.05, "ndcg@10": 0.02, "recall@5": 0.03, "ndcg@5": 0.01}
+    line = versus_popularity({"count": torch.tensor(100.0), "recall@10": torch.tensor(0.09), "ndcg@10": 0.04}, pop, [5, 10])
+    assert line == ("the model beats popularity on these 100 test users: 9 hits in the top 10 against 5 "
+                    "(NDCG@10 0.0400 vs 0.0200)")  # fmt: skip
+    assert "ties with popularity" in versus_popularity({"count": 100, "recall@10": 0.05, "ndcg@10": 0.0}, pop, [10])
+    below = versus_popularity({"count": 100, "recall@5": 0.01, "ndcg@5": 0.0}, pop, [1, 5])  # no K=10: the largest K
+    assert "does not beat popularity" in below and "1 hits in the top 5 against 3" in below

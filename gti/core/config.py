@@ -32,8 +32,8 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 1  # passes over the training rows (max_steps > 0 stops earlier)
-    max_steps: int = -1  # -1: run max_epochs
+    max_epochs: int = 1  # passes over the training rows, when max_steps is -1
+    max_steps: int = -1  # -1: run max_epochs; > 0: this many steps, over as many epochs as they take
     accelerator: str = "auto"  # cpu | gpu | auto
     devices: int = 1  # devices per machine (GPUs, or CPU processes)
     strategy: str = "auto"  # auto -> "ddp" when devices > 1 or num_nodes > 1; or ddp_spawn, fsdp, ...

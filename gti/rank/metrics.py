@@ -89,3 +89,15 @@ def popularity_ranking(train_inter: dict[int, list[int]], k: int) -> list[int]:
 def random_ranking(num_items: int, k: int, generator: torch.Generator) -> list[int]:
     """k distinct items drawn uniformly: the chance-level reference for Recall@K (= k / num_items)."""
     return torch.randperm(num_items, generator=generator)[:k].tolist()
+
+
+def versus_popularity(test: dict, popularity: dict, ks: list[int]) -> str:
+    """One line for the end of a run: the model against most-popular on the same test users, in hits at
+    K = 10 (or the largest K when 10 is not among them), with NDCG beside it."""
+    k, n = (10 if 10 in ks else max(ks)), int(test["count"])
+    ours, theirs = round(float(test[f"recall@{k}"]) * n), round(float(popularity[f"recall@{k}"]) * n)
+    verdict = "beats" if ours > theirs else "ties with" if ours == theirs else "does not beat"
+    return (
+        f"the model {verdict} popularity on these {n} test users: {ours} hits in the top {k} against {theirs} "
+        f"(NDCG@{k} {float(test[f'ndcg@{k}']):.4f} vs {float(popularity[f'ndcg@{k}']):.4f})"
+    )
