@@ -64,6 +64,10 @@ def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
     capsys.readouterr()
     run(cfg)  # everything finished: all cells are skipped
     assert capsys.readouterr().out.count("done, skipped") == 3
+    neutral = copy.deepcopy(cfg)  # how a stage runs (logging, threads) does not make a finished cell stale
+    neutral.finetune.trainer.log_every_n_steps, neutral.finetune.trainer.threads = 7, 1
+    run(neutral)
+    assert capsys.readouterr().out.count("done, skipped") == 3
     changed = copy.deepcopy(cfg)  # a finished cell of other settings is not mixed into the table
     changed.finetune.optim.lr = 5e-3
     with pytest.raises(GtiError, match=r"is finished, but it ran with other settings(.|\n)*optim.lr: 0.001 then, 0.005 now"):

@@ -70,13 +70,17 @@ class Step:
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         new = dict(flatten(OmegaConf.to_container(OmegaConf.structured(self.config))))
-        changed = [f"{k}: {old[k]!r} then, {new[k]!r} now" for k in new if k in old and old[k] != new[k]]
+        changed = [f"{k}: {old[k]!r} then, {new[k]!r} now" for k in new
+                   if k in old and old[k] != new[k] and k not in RESULT_NEUTRAL]  # fmt: skip
         if changed:
             raise ConfigError(
                 str(ConfigError.listing(changed, f"{self.output} is finished, but it ran with other settings ({path})"))
                 + f"\nmove {self.output} away (or choose another output_dir) to run it again, or restore the settings"
             )
 
+
+# settings that change how a stage runs, not what it computes: a finished run may differ in these
+RESULT_NEUTRAL = {"resume", "trainer.log_every_n_steps", "trainer.num_workers", "trainer.threads", "trainer.checkpoint_every"}
 
 HF_STAGES = ("ground", "finetune")  # stages whose run folder holds an HF model/ (read_run checks it)
 
