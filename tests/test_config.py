@@ -103,3 +103,16 @@ def test_cli_wrong_key_fails_before_heavy_imports(stage):
     assert "Traceback" not in r.stderr
     cli = subprocess.run([sys.executable, "-m", f"gti.{stage}", "trainer.max_stepz=3"], capture_output=True, text=True)
     assert cli.returncode == 2 and "trainer.max_stepz" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_the_nested_sids_data_section_is_not_read_so_it_cannot_be_set():
+    """ground and finetune build SIDs for their own data.*: a different sids.data.* would be ignored silently."""
+    with pytest.raises(ConfigError, match=r"'sids.data.name' \(command line\) is not read.*set 'data.name'"):
+        load_config(GroundConfig, ["sids.data.name=ml-1m"])
+    assert load_config(FinetuneConfig, ["data.name=ml-1m", "sids.data.name=ml-1m"]).data.name == "ml-1m"  # agrees
+    from gti.experiments.benchmark import BenchmarkConfig
+
+    with pytest.raises(ConfigError, match=r"set 'finetune.data.max_users'"):
+        load_config(BenchmarkConfig, ["finetune.sids.data.max_users=5"])
+    ground_help = subprocess.run([sys.executable, "-m", "gti.ground", "--help"], capture_output=True, text=True).stdout
+    assert "sids.levels" in ground_help and "sids.data" not in ground_help

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gti.core.config import not_read
 from gti.core.errors import GtiError
 
 HELP_FLAGS = ("-h", "--help")
@@ -118,6 +119,8 @@ def describe(schema: type) -> list[KeyDoc]:
         out = []
         for f in dataclasses.fields(obj):
             value, key = getattr(obj, f.name), prefix + f.name
+            if not_read(key + ".x"):  # a section the stage never reads is not offered
+                continue
             nested = dataclasses.is_dataclass(value)
             out.append(KeyDoc(key, _type_name(f.type), value, comments.get(f.name, ""), nested))
             if nested:

@@ -206,6 +206,19 @@ class SasrecConfig:
 
 
 # ----------------------------------------------------------------------------------------- loading
+# sections a stage carries but never reads: ground and finetune build SIDs for their own `data`, so the nested
+# `sids.data` (gti.sids's own dataset section) is ignored there; setting it to anything else is an error
+NOT_READ = "sids.data"
+
+
+def not_read(key: str) -> str | None:
+    """For a key inside a NOT_READ section, the key that decides it instead ("sids.data.name" -> "data.name")."""
+    dotted = f".{key}."
+    if f".{NOT_READ}." not in dotted:
+        return None
+    return dotted.replace(f".{NOT_READ}.", ".data.", 1).strip(".")
+
+
 def flatten(d: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """A nested config dict as (dotted key, value) pairs; `*_options` dicts stay whole values."""
     if isinstance(d, dict) and d:
@@ -259,6 +272,11 @@ def load_config(schema: type[T], argv: list[str] | None = None, yaml_path: str |
                 problems.append(f"unknown key '{key}' ({origin})" + _suggest(schema, key))
             else:
                 problems.append(f"bad value for '{key}' ({origin}): {value!r}: {msg}")
+    default = OmegaConf.structured(schema)
+    for key, value, origin in pairs:  # a value the stage would ignore: fine when it changes nothing, else an error
+        instead = not_read(key)
+        if instead and value not in (OmegaConf.select(default, key), OmegaConf.select(cfg, instead)):
+            problems.append(f"'{key}' ({origin}) is not read: this stage builds its SIDs for its own data; set '{instead}'")
     missing = sorted(OmegaConf.missing_keys(cfg))
     problems += [f"missing required value '{k}'" for k in missing]
     if problems:
