@@ -119,7 +119,7 @@ def describe(schema: type) -> list[KeyDoc]:
         out = []
         for f in dataclasses.fields(obj):
             value, key = getattr(obj, f.name), prefix + f.name
-            if not_read(key + ".x"):  # a section the stage never reads is not offered
+            if not_read(key):  # a section the stage never reads is not offered, nor its keys
                 continue
             nested = dataclasses.is_dataclass(value)
             out.append(KeyDoc(key, _type_name(f.type), value, comments.get(f.name, ""), nested))
