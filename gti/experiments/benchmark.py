@@ -90,7 +90,8 @@ def reference_step(cfg: BenchmarkConfig, name: str, seed: int) -> Step:
 
 def run_cell(cfg: BenchmarkConfig, method: str, seed: int) -> Path:
     cell, steps = cell_dir(cfg, method, seed), cell_steps(cfg, method, seed)
-    if [step.finished() for step in steps][-1]:  # each step checks its settings against the finished run's
+    done = [step.finished() for step in steps]  # every finished step checks its settings, not only the last
+    if done[-1]:
         _say(method, seed, "done, skipped")
         return cell
     cell.mkdir(parents=True, exist_ok=True)
