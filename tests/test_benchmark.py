@@ -187,4 +187,4 @@ def test_quick_gpu_config_is_ready_to_run():
     check_same_sids(cfg)  # gti-mean's grounding and the fine-tunings share one SID index
     ev = cfg.finetune.eval
     assert ev.max_users == 0 and not ev.valid and ev.precision == "fp32" and cfg.parallel == 1
-    assert cfg.seeds == [0] and {"random", "mean", "gti-mean"} <= set(cfg.methods)
+    assert cfg.seeds == [0] and {"random", "mean", "gti-mean", "gti-description", "gti-random"} == set(cfg.methods)
