@@ -113,16 +113,17 @@ def row(a, b, metric, seed, seeds, diff, lo, hi):
 def test_reading_says_which_differences_hold():
     paired = [row("gti-mean", "mean", "recall@10", s, [s], d, lo, hi)
               for s, d, lo, hi in ((0, 0.02, 0.01, 0.03), (1, 0.01, -0.01, 0.03))]  # fmt: skip
-    paired += [row("gti-mean", "mean", "ndcg@10", s, [s], 0.0, -0.01, 0.01) for s in (0, 1)]
+    paired += [row("gti-mean", "mean", "ndcg@10", 0, [0], 0.0, -0.01, 0.01),
+               row("gti-mean", "mean", "ndcg@10", 1, [1], -0.02, -0.03, -0.01)]  # holds, against the pooled sign
     paired += [row("gti-mean", "mean", "recall@10", "pooled", [0, 1], 0.015, 0.005, 0.025),
-               row("gti-mean", "mean", "ndcg@10", "pooled", [0, 1], 0.0, -0.01, 0.01),
+               row("gti-mean", "mean", "ndcg@10", "pooled", [0, 1], 0.001, -0.01, 0.01),
                row("random", "mean", "recall@10", "pooled", [0], -0.02, -0.03, -0.01),
                row("random", "mean", "ndcg@10", "pooled", [0], -0.01, -0.02, -0.005)]  # fmt: skip
     text = "\n".join(reading(paired))
     assert "**gti-mean − mean** (pooled over seeds 0, 1, 300 users): recall@10 +0.0150" in text
     assert "recall@10 +0.0150 [+0.0050, +0.0250] holds (gti-mean higher)" in text
-    assert "NDCG@10 +0.0000 [-0.0100, +0.0100] does not hold" in text
-    assert "Per seed it holds for recall@10 in 1 of 2 (seed 0), NDCG@10 in 0 of 2." in text
+    assert "NDCG@10 +0.0010 [-0.0100, +0.0100] does not hold" in text
+    assert "Per seed, with the pooled sign, it holds for recall@10 in 1 of 2 (seed 0), NDCG@10 in 0 of 2, the other way in seed 1." in text
     assert "**random − mean** (seed 0 only, 300 users)" in text and "holds (mean higher)" in text
     assert "these differences hold: gti-mean > mean (recall@10); mean > random (recall@10, NDCG@10)." in text
     assert "These do not (interval contains 0): gti-mean vs mean (NDCG@10)." in text

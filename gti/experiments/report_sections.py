@@ -90,13 +90,15 @@ def reading(paired: list[dict]) -> list[str]:
         if len(seeds) > 1:
             per = []
             for d in pooled:
-                held = [
-                    s for s in seeds if any(e["seed"] == s and e["metric"] == d["metric"] and e["holds"] for e in ds)
-                ]
+                one = {e["seed"]: e for e in ds if e["metric"] == d["metric"]}
+                held = [s for s in seeds if one[s]["holds"]]
+                same = [s for s in held if (one[s]["diff"] > 0) == (d["diff"] > 0)]  # the pooled difference's sign
+                other = [s for s in held if s not in same]
                 per.append(
-                    f"{NAMES[d['metric']]} in {len(held)} of {len(seeds)}" + (f" (seed {_seeds(held)})" if held else "")
+                    f"{NAMES[d['metric']]} in {len(same)} of {len(seeds)}" + (f" (seed {_seeds(same)})" if same else "")
+                    + (f", the other way in seed {_seeds(other)}" if other else "")
                 )
-            line += " Per seed it holds for " + ", ".join(per) + "."
+            line += " Per seed, with the pooled sign, it holds for " + ", ".join(per) + "."
         lines.append(line)
         held, by_winner = [NAMES[d["metric"]] for d in pooled if d["holds"]], {}
         for d in (d for d in pooled if d["holds"]):
