@@ -55,7 +55,7 @@ def paired_markdown(res: dict) -> list[str]:
     lines = ["", f"## Paired differences ({100 * boot['level']:.0f} % bootstrap intervals over test users)", "",
              f"Δ = first minus second on the same test users, each user's held-out item ranked by both; "
              f"[lo, hi]: {100 * boot['level']:.0f} % percentile interval over {boot['resamples']} resamples of the users "
-             f"(seed {boot['seed']}). **Bold**: the interval excludes 0, the difference holds. Pooled: each user's "
+             f"(random generator seeded with {boot['seed']}). **Bold**: the interval excludes 0, the difference holds. Pooled: each user's "
              "difference averaged over the seeds both rows have, users resampled.", "",
              "| comparison | seeds | users | Δ recall@10 | Δ NDCG@10 |", "|---|---|---|---|---|"]  # fmt: skip
     for (a, b), ds in _groups(paired).items():
