@@ -95,7 +95,8 @@ def reading(paired: list[dict]) -> list[str]:
                 same = [s for s in held if (one[s]["diff"] > 0) == (d["diff"] > 0)]  # the pooled difference's sign
                 other = [s for s in held if s not in same]
                 per.append(
-                    f"{NAMES[d['metric']]} in {len(same)} of {len(seeds)}" + (f" (seed {_seeds(same)})" if same else "")
+                    f"{NAMES[d['metric']]} in {len(same)} of {len(seeds)}"
+                    + (f" (seed {_seeds(same)})" if same else "")
                     + (f", the other way in seed {_seeds(other)}" if other else "")
                 )
             line += " Per seed, with the pooled sign, it holds for " + ", ".join(per) + "."
