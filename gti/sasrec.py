@@ -5,6 +5,7 @@ LM stages' dataset and leave-one-out split (last item test, second last valid, t
 validation `monitor` with the best epoch restored for test. Ranking scores every catalogue item, history items
 included as in the LM stages, and is scored by the same Recall/NDCG code (docs/evaluation.md).
 Writes model/ (config.json + model.safetensors), metrics.json, predictions.jsonl, gti.json, config.yaml and logs/.
+resume=auto continues a killed run after its last finished epoch (checkpoints/last.ckpt in the .partial folder).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def run(cfg: SasrecConfig) -> Path:
     from gti.train import trainer as trainers
     from gti.train.recommender import baselines, gather_predictions
     from gti.train.sasrec import (
+        EpochCheckpoint,
         SasrecModel,
         SasrecModule,
         collate_eval,
@@ -46,7 +48,7 @@ def run(cfg: SasrecConfig) -> Path:
     # setup
     stage = Stage("sasrec", cfg)  # threads, the one seeding call, the clock
     ds = load_data(cfg.data)
-    work = stage.run_dir.start("never", cfg)  # <output_dir>.partial/ with config.yaml; a rerun starts afresh
+    work = stage.run_dir.start(cfg.resume, cfg)  # <output_dir>.partial/ with config.yaml, emptied unless resume=auto
     T = cfg.data.max_history
     splits = leave_one_out(ds.inter, T, train=False)
     valid, test = splits["valid"], splits["test"]
@@ -69,13 +71,16 @@ def run(cfg: SasrecConfig) -> Path:
     )
 
     # fit: early stopping on the validation metric, its best epoch kept as checkpoints/best.ckpt
-    callbacks = []
+    callbacks = [EpochCheckpoint(work / "checkpoints" / "last.ckpt")]  # what resume=auto continues from
     if cfg.eval.valid:
         best = ModelCheckpoint(dirpath=work / "checkpoints", filename="best", monitor=f"val/{cfg.monitor}", mode="max", save_top_k=1)
-        callbacks = [best, EarlyStopping(monitor=f"val/{cfg.monitor}", mode="max", patience=cfg.patience)]
+        callbacks += [best, EarlyStopping(monitor=f"val/{cfg.monitor}", mode="max", patience=cfg.patience)]
     t = cfg.trainer
     trainer = trainers.make_trainer(t, work, t.max_steps, callbacks)
-    trainer.fit(module, train_loader, val_loader if cfg.eval.valid else None)
+    last = stage.run_dir.last_checkpoint(cfg.resume)  # written at the end of every epoch
+    if last:
+        stage.say(f"resuming after the last finished epoch: {last}")
+    trainer.fit(module, train_loader, val_loader if cfg.eval.valid else None, ckpt_path=last)
 
     # evaluate the best epoch (the last one without validation)
     restore = best.best_model_path if cfg.eval.valid else None

@@ -169,3 +169,42 @@ def test_run_rejects_bad_config_before_compute(tmp_path):
     with pytest.raises(ConfigError, match="monitor"):
         run(toy_config(tmp_path, monitor="recall@50"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_continues_after_the_last_finished_epoch(tmp_path, monkeypatch):
+    """A run killed in epoch 3 of 4 continues there under resume=auto, its epoch history kept whole."""
+    from dataclasses import replace
+
+    import lightning as L
+
+    import gti.train.trainer
+    from gti.sasrec import run
+
+    class Crash(L.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 2:
+                raise SystemError("simulated crash in epoch 3")
+
+    class CountEpochs(L.Callback):
+        epochs = 0
+
+        def on_train_epoch_end(self, trainer, module):
+            self.epochs += 1
+
+    real, extra = gti.train.trainer.make_trainer, []
+    monkeypatch.setattr(gti.train.trainer, "make_trainer", lambda t, d, s, cbs=None, **kw: real(t, d, s, [*(cbs or []), *extra], **kw))
+    cfg = replace(toy_config(tmp_path), patience=10)  # no early stop: all 4 epochs
+    extra[:] = [Crash()]
+    with pytest.raises(SystemError, match="simulated crash"):
+        run(cfg)
+    last = tmp_path / "runs" / "sasrec.partial" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 1 and len(saved["sasrec_history"]) == 2  # epochs 1 and 2 finished, both validated
+
+    extra[:] = [counter := CountEpochs()]
+    out = run(replace(cfg, resume="auto"))
+    assert counter.epochs == 2  # epochs 3 and 4, not a fresh start
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4] and metrics["epochs"] == 4
+    best = max(metrics["history"], key=lambda h: h["ndcg@10"])
+    assert metrics["best_epoch"] == best["epoch"] and metrics["valid"]["ndcg@10"] == pytest.approx(best["ndcg@10"])

@@ -203,6 +203,7 @@ class SasrecConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(ks=[5, 10, 20], batch_size=256))
     output_dir: str = "runs/sasrec"
     seed: int = 0
+    resume: str = "never"  # never | auto: continue after the last finished epoch in <output_dir>.partial/checkpoints/
 
 
 # ----------------------------------------------------------------------------------------- loading

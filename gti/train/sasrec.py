@@ -180,6 +180,13 @@ class SasrecModule(L.LightningModule):
             self.history.append({"epoch": self.current_epoch + 1, "loss": round(loss, 4), **result})
             self.say_epoch()
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sasrec_history"] = self.history  # a resumed run reports and picks its best epoch from all of them
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.trainer.state.fn == "fit":  # not when validate/test restore the best epoch: the history stays whole
+            self.history = list(checkpoint.get("sasrec_history", []))
+
     def say_epoch(self) -> None:
         from gti.core.log import get_logger
 
@@ -200,6 +207,22 @@ class SasrecModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.cfg.optim  # betas as the paper's Adam (0.9, 0.98)
         return torch.optim.Adam(self.model.parameters(), lr=o.lr, betas=(0.9, 0.98), weight_decay=o.weight_decay)
+
+
+class EpochCheckpoint(L.Callback):
+    """The whole training state at the end of every epoch, validation and early-stopping state included, written to
+    a temporary name and renamed: a run killed at any moment leaves the last finished epoch's checkpoint intact."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.path = Path(path)
+
+    def on_train_epoch_end(self, trainer, module):  # after the epoch's validation, so its result is in the state
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        trainer.save_checkpoint(tmp)  # collective under DDP; rank 0 writes
+        if trainer.is_global_zero:
+            tmp.replace(self.path)
 
 
 # ----------------------------------------------------------------------------------------- saving
