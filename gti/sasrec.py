@@ -50,7 +50,7 @@ def run(cfg: SasrecConfig) -> Path:
     ds = load_data(cfg.data)
     work = stage.run_dir.start(cfg.resume, cfg)  # <output_dir>.partial/ with config.yaml, emptied unless resume=auto
     T = cfg.data.max_history
-    splits = leave_one_out(ds.inter, T, train=False)
+    splits = leave_one_out(ds.inter, 0, train=False)  # whole histories: the model reads the last T, `seen` all
     valid, test = splits["valid"], splits["test"]
     if cfg.eval.max_users > 0:
         valid, test = valid[: cfg.eval.max_users], test[: cfg.eval.max_users]
@@ -87,7 +87,7 @@ def run(cfg: SasrecConfig) -> Path:
     val_result = trainer.validate(module, val_loader, ckpt_path=restore, verbose=False)[0] if cfg.eval.valid else {}
     trainer.test(module, test_loader, ckpt_path=restore, verbose=False)
     preds = gather_predictions(module.predictions)
-    test_metrics = dict(module.test_metrics.compute())
+    test_metrics, test_unseen = dict(module.test_metrics.compute()), dict(module.test_unseen.compute())
 
     # save (rank 0)
     if not trainer.is_global_zero:
@@ -95,8 +95,11 @@ def run(cfg: SasrecConfig) -> Path:
     history = module.history
     best_epoch = max(history, key=lambda h: h[cfg.monitor])["epoch"] if cfg.eval.valid and history else trainer.current_epoch
     metrics = {
-        "valid": {k.removeprefix("val/"): v for k, v in val_result.items()},
+        "valid": {k.removeprefix("val/"): v for k, v in val_result.items() if k.startswith("val/")},
         "test": test_metrics,
+        # the same ranking with the user's history removed (the target kept), as published SASRec figures are
+        "valid_unseen": {k.removeprefix("val_unseen/"): v for k, v in val_result.items() if k.startswith("val_unseen/")},
+        "test_unseen": test_unseen,
         "baselines": {"test": baselines(ds, {u: s[:-2] for u, s in ds.inter.items()}, test, cfg.eval.ks, cfg.seed)},
         "ranking": "full catalogue",  # every item scored, history items included (as the LM stages' beams may return them)
         "epochs": trainer.current_epoch,  # epochs trained (early stopping may end before trainer.max_epochs)
@@ -122,6 +125,7 @@ def run(cfg: SasrecConfig) -> Path:
     pop = metrics["baselines"]["test"]["popularity"]
     stage.say(
         "test: " + ", ".join(f"{k}={v:.4f}" for k, v in test_metrics.items() if "@" in k) + f" (best epoch {best_epoch} of {metrics['epochs']})",
+        "test with the history removed (as published figures): " + ", ".join(f"{k}={v:.4f}" for k, v in test_unseen.items() if "@" in k),
         "popularity: " + ", ".join(f"{k}={v:.4f}" for k, v in pop.items() if "@" in k),
         f"done in {stage.elapsed():.0f}s -> {out}",
     )

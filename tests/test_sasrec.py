@@ -21,6 +21,7 @@ from gti.train.sasrec import (
     config_problems,
     load_model,
     train_windows,
+    unseen_scores,
 )
 from tests.fixtures import write_toy_dataset
 
@@ -106,6 +107,20 @@ def test_ranking_is_over_the_whole_catalogue():
     assert sorted(order[0].tolist()) == list(range(7)) and 0 <= ranks.item() < 7
 
 
+def test_seen_filter_removes_the_whole_history_but_not_the_target():
+    """The published ranking: every item the user has seen is out, beyond the max_len the model reads too."""
+    examples = [Example(0, 0, (1, 2, 3, 4, 5, 6), 4), Example(1, 1, (0,), 6)]  # user 0's target 4 is also in its history
+    batch = collate_eval(examples, max_len=2)
+    assert batch["seq"].tolist() == [[6, 7], [0, 1]] and batch["seen"].tolist() == [[1, 2, 3, 4, 5, 6], [-1] * 5 + [0]]
+    scores = torch.tensor([[7.0, 6, 5, 4, 3, 2, 1], [7.0, 6, 5, 4, 3, 2, 1]])
+    masked = unseen_scores(scores, batch["seen"], batch["target"])
+    inf = float("-inf")
+    assert masked.tolist() == [[7, inf, inf, inf, 3, inf, inf], [inf, 6, 5, 4, 3, 2, 1]]
+    unseen, _ = catalogue_ranking(masked, batch["target"], k=3)
+    ranks, _ = catalogue_ranking(scores, batch["target"], k=3)
+    assert ranks.tolist() == [4, 6] and unseen.tolist() == [1, 5]
+
+
 def test_config_problems_listed_at_once():
     cfg = SasrecConfig(hidden=10, heads=3, blocks=0, monitor="ndcg@50", data=DataConfig(max_history=0))
     problems = config_problems(cfg)
@@ -138,8 +153,9 @@ def test_run_writes_a_sasrec_folder(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     finetune_keys = {"valid", "test", "baselines", "steps", "wall_time_s"}  # gti.finetune's, where they overlap
     assert finetune_keys | {"epochs", "best_epoch"} <= metrics.keys()
-    for split in ("valid", "test"):
+    for split in ("valid", "test", "valid_unseen", "test_unseen"):
         assert {"recall@10", "ndcg@10", "count"} <= metrics[split].keys() and metrics[split]["count"] == 12
+    assert metrics["test_unseen"]["ndcg@10"] >= metrics["test"]["ndcg@10"]  # fewer items above each target
     assert metrics["baselines"]["test"].keys() == {"popularity", "random"}
     assert 1 <= metrics["best_epoch"] <= metrics["epochs"] == len(metrics["history"]) <= 4
     best = metrics["history"][metrics["best_epoch"] - 1]  # the restored checkpoint is the best epoch's

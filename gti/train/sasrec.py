@@ -128,9 +128,24 @@ def collate_train(windows: list[list[int]], max_len: int) -> dict:
     }
 
 
+def unseen_scores(scores: torch.Tensor, seen: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """scores (B, N) with every item of the user's history (`seen` (B, L) item ids, -1 padding) set to -inf, the
+    held-out item excepted: the ranking most published SASRec figures report ("filter seen")."""
+    B, N = scores.shape
+    mask = torch.zeros(B, N + 1, dtype=torch.bool, device=scores.device)  # column N: where the padding lands
+    mask.scatter_(1, seen.masked_fill(seen < 0, N), True)
+    mask = mask[:, :N]
+    mask[torch.arange(B, device=scores.device), targets] = False
+    return scores.masked_fill(mask, float("-inf"))
+
+
 def collate_eval(examples: list[Example], max_len: int) -> dict:
+    """The model reads the last max_len history items; `seen` holds the whole history (-1 padded), for the
+    seen-filtered ranking."""
+    longest = max((len(ex.history) for ex in examples), default=0)
     return {
         "seq": _left_pad([[i + 1 for i in ex.history] for ex in examples], max_len, 0),
+        "seen": _left_pad([list(ex.history) for ex in examples], max(longest, 1), -1),
         "target": torch.tensor([ex.target for ex in examples]),
         "index": torch.tensor([ex.index for ex in examples]),
         "user": torch.tensor([ex.user for ex in examples]),
@@ -139,13 +154,16 @@ def collate_eval(examples: list[Example], max_len: int) -> dict:
 
 # ----------------------------------------------------------------------------------------- LightningModule
 class SasrecModule(L.LightningModule):
-    """Full-softmax cross-entropy at every real position; validation and test rank the whole catalogue."""
+    """Full-softmax cross-entropy at every real position; validation and test rank the whole catalogue twice: as
+    the LM stages do (history items kept: `val/`, `test_metrics`), and with the user's history removed
+    (`val_unseen/`, `test_unseen`), as published SASRec figures are."""
 
     def __init__(self, model: SasrecModel, cfg: SasrecConfig):
         super().__init__()
         self.model, self.cfg = model, cfg
         ks = tuple(cfg.eval.ks)
         self.val_metrics, self.test_metrics = RankingMetrics(ks), RankingMetrics(ks)
+        self.val_unseen, self.test_unseen = RankingMetrics(ks), RankingMetrics(ks)
         self.predictions: list[dict] = []
         self.history: list[dict] = []  # per fitted epoch: {"epoch" (1-based), "loss", validation metrics}
         self._losses: list[torch.Tensor] = []
@@ -161,19 +179,25 @@ class SasrecModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["seq"].shape[0])
         return loss
 
-    def _rank(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rank(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ranks (B,), top-k (B, k), ranks with the history removed (B,))."""
         scores = self.model.scores(self.model(batch["seq"])[:, -1])  # (B, N): the last position, every item
-        return catalogue_ranking(scores, batch["target"], max(self.cfg.eval.ks))
+        k = max(self.cfg.eval.ks)
+        ranks, top = catalogue_ranking(scores, batch["target"], k)
+        unseen, _ = catalogue_ranking(unseen_scores(scores, batch["seen"], batch["target"]), batch["target"], k)
+        return ranks, top, unseen
 
     def validation_step(self, batch, batch_idx):
-        ranks, _ = self._rank(batch)
+        ranks, _, unseen = self._rank(batch)
         self.val_metrics.update(batch["index"], ranks)
+        self.val_unseen.update(batch["index"], unseen)
 
     def on_validation_epoch_end(self):
-        result = self.val_metrics.compute()
-        self.val_metrics.reset()
-        for k, v in result.items():
-            self.log(f"val/{k}", float(v), sync_dist=True)  # already synced: every rank holds the same value
+        result, unseen = self.val_metrics.compute(), self.val_unseen.compute()
+        self.val_metrics.reset(), self.val_unseen.reset()
+        for prefix, values in (("val", result), ("val_unseen", unseen)):
+            for k, v in values.items():
+                self.log(f"{prefix}/{k}", float(v), sync_dist=True)  # already synced: every rank holds the same value
         if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
             loss = float(torch.stack(self._losses).mean()) if self._losses else float("nan")
             self._losses.clear()
@@ -199,8 +223,9 @@ class SasrecModule(L.LightningModule):
         )
 
     def test_step(self, batch, batch_idx):
-        ranks, top = self._rank(batch)
+        ranks, top, unseen = self._rank(batch)
         self.test_metrics.update(batch["index"], ranks)
+        self.test_unseen.update(batch["index"], unseen)
         rows = zip(batch["index"].tolist(), batch["user"].tolist(), batch["target"].tolist(), ranks.tolist(), top.tolist())
         self.predictions += [{"index": i, "user": u, "target": t, "rank": r, "items": its} for i, u, t, r, its in rows]
 
