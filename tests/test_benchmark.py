@@ -40,13 +40,14 @@ def tiny_benchmark(tmp_path, model_dir, **kw) -> BenchmarkConfig:
     )  # fmt: skip
 
 
-def fake_reference(folder: Path, ranks: dict[int, int]) -> None:
-    """A finished run folder as gti.sasrec writes it: gti.json, metrics.json, predictions.jsonl."""
+def fake_reference(folder: Path, ranks: dict[int, int], targets: dict[int, int] | None = None) -> None:
+    """A finished run folder as gti.sasrec writes it: gti.json, metrics.json, predictions.jsonl (`targets`: the
+    held-out item of each user, 0 for users not in it)."""
     folder.mkdir(parents=True)
     (folder / "gti.json").write_text(json.dumps({"stage": "sasrec"}))
     recall = sum(0 <= r < 10 for r in ranks.values()) / len(ranks)
     (folder / "metrics.json").write_text(json.dumps({"test": {"recall@10": recall, "count": len(ranks)}}))
-    rows = [{"index": u, "user": u, "target": 0, "rank": r, "items": []} for u, r in ranks.items()]
+    rows = [{"index": u, "user": u, "target": (targets or {}).get(u, 0), "rank": r, "items": []} for u, r in ranks.items()]
     (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -81,7 +82,9 @@ def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
     assert "random" not in json.loads((run(cfg) / "results.json").read_text())["methods"]
 
     # the reference row (ranks 12 users, the arms 9) and a beam-vs-exact check of one cell
-    fake_reference(tmp_path / "bench" / "sasrec" / "seed0" / "sasrec", {u: 0 for u in range(12)})
+    arm = tmp_path / "bench" / "mean" / "seed0" / "finetune" / "predictions.jsonl"
+    targets = {r["user"]: r["target"] for r in map(json.loads, arm.read_text().splitlines())}  # the same split
+    fake_reference(tmp_path / "bench" / "sasrec" / "seed0" / "sasrec", {u: 0 for u in range(12)}, targets)
     metrics = tmp_path / "bench" / "mean" / "seed0" / "finetune" / "metrics.json"
     bve = {"users": 9, "top10_equal": 8, "top10_same_set": 9, "recall@10": {"beam": 0.5, "exact": 0.6},
            "ndcg@10": {"beam": 0.25, "exact": 0.3}}  # fmt: skip

@@ -11,10 +11,10 @@ from gti.experiments.report_sections import reading
 from gti.experiments.stats import bootstrap_interval, compare, comparisons, per_user, read_ranks
 
 
-def write_preds(path, ranks: dict[int, int], order=None):
+def write_preds(path, ranks: dict[int, int], order=None, target=lambda u: 100 + u):
     """predictions.jsonl as gti.finetune writes it: one line per test user, `rank` 0-based, -1 for a miss."""
     users = order if order is not None else sorted(ranks)
-    rows = [{"index": i, "user": u, "target": 7, "rank": ranks[u], "items": []} for i, u in enumerate(users)]
+    rows = [{"index": i, "user": u, "target": target(u), "rank": ranks[u], "items": []} for i, u in enumerate(users)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
@@ -75,9 +75,20 @@ def test_missing_users_are_an_error_naming_the_file(tmp_path):
     assert d.users == 8
     with pytest.raises(DataError, match=r"short\.jsonl: no prediction"):
         compare("y", {0: b}, "x", {0: a}, users_of="b")
-    (tmp_path / "dup.jsonl").write_text('{"user": 1, "rank": 0}\n{"user": 1, "rank": 2}\n')
+    (tmp_path / "dup.jsonl").write_text('{"user": 1, "target": 3, "rank": 0}\n{"user": 1, "target": 3, "rank": 2}\n')
     with pytest.raises(DataError, match=r"dup\.jsonl, line 2: user 1 appears twice"):
         read_ranks(tmp_path / "dup.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl: no predictions in it"):
+        read_ranks(tmp_path / "empty.jsonl")
+
+
+def test_a_user_scored_on_another_held_out_item_is_an_error(tmp_path):
+    """Runs of two splits (another dataset build, another max_users slice) must not be paired by user id alone."""
+    a = write_preds(tmp_path / "a.jsonl", {u: 0 for u in range(10)})
+    b = write_preds(tmp_path / "b.jsonl", {u: 0 for u in range(10)}, target=lambda u: 100 + u + (u >= 7))
+    with pytest.raises(DataError, match=r"a\.jsonl and .*b\.jsonl: the held-out item differs for 3 of the 10 users \(user 7: item 107 in one, 108"):
+        compare("x", {0: a}, "y", {0: b})
 
 
 def test_pooled_averages_each_users_difference_over_the_seeds_both_have(tmp_path):

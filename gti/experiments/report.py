@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from gti.core.errors import ConfigError, DataError
+from gti.core.errors import ConfigError
 from gti.core.io import atomic_write_text, write_json
 from gti.core.log import get_logger
 from gti.core.runs import read_run
 from gti.experiments.report_sections import beam_vs_exact_markdown, paired_markdown, reference_rows, users_line
 from gti.experiments.runner import finished
-from gti.experiments.stats import LEVEL, N_BOOT, comparisons, per_user, read_ranks
+from gti.experiments.stats import LEVEL, N_BOOT, Ranks, check_paired, comparisons, per_user, read_ranks
 
 log = get_logger("benchmark")
 
@@ -52,14 +52,13 @@ def _cell_result(seed: int, cell: Path) -> dict:
                             "finetuned": ft["diagnostics"]}}  # fmt: skip
 
 
-def _reference_result(name: str, seed: int, cell: Path, arm_users: list[int], ks: list[int]) -> dict:
-    """A reference run's test metrics over every user it ranked, and again over the arms' test users."""
+def _reference_result(name: str, seed: int, cell: Path, arms: tuple[Ranks, Path], ks: list[int]) -> dict:
+    """A reference run's test metrics over every user it ranked, and again over the arms' test users (`arms`: one
+    arm cell's ranks and file; the reference must rank each of its users on the same held-out item)."""
     run = cell / name
     ranks = read_ranks(run / "predictions.jsonl")
-    missing = [u for u in arm_users if u not in ranks]
-    if missing:
-        raise DataError(f"{run / 'predictions.jsonl'}: no prediction for {len(missing)} of the arms' test users "
-                        f"(e.g. {missing[:5]}); a reference must rank every test user")  # fmt: skip
+    arm_users = sorted(arms[0])
+    check_paired(ranks, run / "predictions.jsonl", *arms, arm_users)
     on = np.array([ranks[u] for u in arm_users])
     test = json.loads((run / "metrics.json").read_text())["test"]
     return {"seed": seed, "test": test, "users": len(ranks),
@@ -90,13 +89,13 @@ def collect(scale: str, planned: Planned, output_dir: str, references: Planned |
     out["eval_max_users"] = OmegaConf.load(first_cell / "finetune" / "config.yaml").eval.max_users
     preds = {m: {s: c / "finetune" / "predictions.jsonl" for s, c in planned[m] if s in r["seeds"]}
              for m, r in out["methods"].items()}  # fmt: skip
-    first_arm = next(iter(preds.values()))
-    arm_users = sorted(read_ranks(next(iter(first_arm.values()))))  # every cell ranks the same test users
+    arm_file = next(iter(next(iter(preds.values())).values()))
+    arms = (read_ranks(arm_file), arm_file)  # every cell ranks the same test users (the pairing checks it)
     out["references"], ref_preds = {}, {}
     for name, runs in (references or {}).items():
         done = [(s, c) for s, c in runs if finished(c / name, name)]
         if done:
-            results = [_reference_result(name, s, c, arm_users, list(ks)) for s, c in done]
+            results = [_reference_result(name, s, c, arms, list(ks)) for s, c in done]
             out["references"][name] = {"seeds": [s for s, _ in done], "runs": results}
             ref_preds[name] = {s: c / name / "predictions.jsonl" for s, c in done}
     out["paired"] = [d.to_json() for d in comparisons(preds, ref_preds)]

@@ -21,24 +21,49 @@ N_BOOT = 2000  # bootstrap resamples: the interval ends move by ~0.1 of their wi
 LEVEL = 0.95
 
 
-def read_ranks(path: str | Path) -> dict[int, int]:
-    """user -> 0-based rank of the held-out item in that user's list (-1: not in it), one test example per user."""
+class Ranks(dict):
+    """user -> 0-based rank of the held-out item in that user's list (-1: not in it); `targets`: user -> that item."""
+
+    def __init__(self):
+        super().__init__()
+        self.targets: dict[int, int] = {}
+
+
+def read_ranks(path: str | Path) -> Ranks:
+    """A predictions.jsonl as Ranks, one test example per user."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found")
-    ranks: dict[int, int] = {}
+    ranks = Ranks()
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            user, rank = int(row["user"]), int(row["rank"])
+            user, target, rank = int(row["user"]), int(row["target"]), int(row["rank"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{path}, line {n}: expected a JSON object with 'user' and 'rank' ({e})") from None
+            raise DataError(f"{path}, line {n}: expected a JSON object with 'user', 'target' and 'rank' ({e})") from None
         if user in ranks:
             raise DataError(f"{path}, line {n}: user {user} appears twice; pairing needs one test example per user")
-        ranks[user] = rank
+        ranks[user], ranks.targets[user] = rank, target
+    if not ranks:
+        raise DataError(f"{path}: no predictions in it; a finished run writes one line per test user")
     return ranks
+
+
+def check_paired(a: Ranks, a_file: Path, b: Ranks, b_file: Path, users: list[int]) -> None:
+    """Both sides rank every one of `users`, each user on the same held-out item: else a DataError naming the file."""
+    for ranks, path in ((a, a_file), (b, b_file)):
+        missing = [u for u in users if u not in ranks]
+        if missing:
+            raise DataError(f"{path}: no prediction for {len(missing)} of the {len(users)} users it is paired on "
+                            f"(e.g. users {missing[:5]}); both sides of a comparison must rank the same test users")  # fmt: skip
+    differ = [u for u in users if a.targets[u] != b.targets[u]]
+    if differ:
+        u = differ[0]
+        raise DataError(f"{a_file} and {b_file}: the held-out item differs for {len(differ)} of the {len(users)} users "
+                        f"(user {u}: item {a.targets[u]} in one, {b.targets[u]} in the other); "
+                        "paired runs must be scored on the same split")  # fmt: skip
 
 
 def per_user(ranks: np.ndarray, metric: str) -> np.ndarray:
@@ -92,15 +117,11 @@ class Difference:
         return {**asdict(self), "holds": self.holds}
 
 
-def _paired(a: dict[int, int], a_file: Path, b: dict[int, int], b_file: Path, users: list[int] | None) -> np.ndarray:
-    """(2, U) ranks of `users` (None: every user either side has) in a and b; a user either side lacks is an error."""
+def _paired(a: Ranks, a_file: Path, b: Ranks, b_file: Path, users: list[int] | None) -> np.ndarray:
+    """(2, U) ranks of `users` (None: every user either side has) in a and b, checked by `check_paired`."""
     if users is None:
         users = sorted(a.keys() | b.keys())
-    for ranks, path in ((a, a_file), (b, b_file)):
-        missing = [u for u in users if u not in ranks]
-        if missing:
-            raise DataError(f"{path}: no prediction for {len(missing)} of the {len(users)} users it is paired on "
-                            f"(e.g. users {missing[:5]}); both sides of a comparison must rank the same test users")  # fmt: skip
+    check_paired(a, a_file, b, b_file, users)
     return np.array([[a[u] for u in users], [b[u] for u in users]])
 
 
