@@ -21,6 +21,18 @@ def write_toy_dataset(root: Path, name: str = "toy", users: int = 9, items: int 
     return d
 
 
+def add_callbacks(monkeypatch, *callbacks) -> None:
+    """Every Trainer the stages build gets these callbacks too (the stages import make_trainer at call time)."""
+    import gti.train.trainer
+
+    real = gti.train.trainer.make_trainer
+
+    def make_trainer(t, run_dir, max_steps, cbs=None, **kw):
+        return real(t, run_dir, max_steps, [*(cbs or []), *callbacks], **kw)
+
+    monkeypatch.setattr(gti.train.trainer, "make_trainer", make_trainer)
+
+
 def spy_train_rows(monkeypatch) -> dict:
     """Record what gti.finetune.run really trains on: its rows (as Encoded) and the split examples behind them."""
     import gti.train.rows

@@ -23,7 +23,7 @@ from gti.train.sasrec import (
     train_windows,
     unseen_scores,
 )
-from tests.fixtures import write_toy_dataset
+from tests.fixtures import add_callbacks, write_toy_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -193,7 +193,6 @@ def test_resume_continues_after_the_last_finished_epoch(tmp_path, monkeypatch):
 
     import lightning as L
 
-    import gti.train.trainer
     from gti.sasrec import run
 
     class Crash(L.Callback):
@@ -207,17 +206,16 @@ def test_resume_continues_after_the_last_finished_epoch(tmp_path, monkeypatch):
         def on_train_epoch_end(self, trainer, module):
             self.epochs += 1
 
-    real, extra = gti.train.trainer.make_trainer, []
-    monkeypatch.setattr(gti.train.trainer, "make_trainer", lambda t, d, s, cbs=None, **kw: real(t, d, s, [*(cbs or []), *extra], **kw))
     cfg = replace(toy_config(tmp_path), patience=10)  # no early stop: all 4 epochs
-    extra[:] = [Crash()]
-    with pytest.raises(SystemError, match="simulated crash"):
-        run(cfg)
+    with monkeypatch.context() as m:
+        add_callbacks(m, Crash())
+        with pytest.raises(SystemError, match="simulated crash"):
+            run(cfg)
     last = tmp_path / "runs" / "sasrec.partial" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=False)
     assert saved["epoch"] == 1 and len(saved["sasrec_history"]) == 2  # epochs 1 and 2 finished, both validated
 
-    extra[:] = [counter := CountEpochs()]
+    add_callbacks(monkeypatch, counter := CountEpochs())
     out = run(replace(cfg, resume="auto"))
     assert counter.epochs == 2  # epochs 3 and 4, not a fresh start
     metrics = json.loads((out / "metrics.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from fixtures import write_toy_dataset
+from fixtures import add_callbacks, write_toy_dataset
 
 from gti.core.config import (
     DataConfig,
@@ -46,15 +46,6 @@ class Dtypes(L.Callback):
 
     def on_validation_batch_start(self, trainer, module, *args):
         self.val.append(self.kinds(module))
-
-
-def add_callbacks(monkeypatch, *callbacks) -> None:
-    import gti.train.trainer
-
-    real = gti.train.trainer.make_trainer
-    monkeypatch.setattr(
-        gti.train.trainer, "make_trainer", lambda t, run_dir, max_steps, cbs=None, **kw: real(t, run_dir, max_steps, [*(cbs or []), *callbacks], **kw)
-    )
 
 
 def toy_data(tmp_path: Path) -> DataConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from fixtures import spy_train_rows, write_toy_dataset
+from fixtures import add_callbacks, spy_train_rows, write_toy_dataset
 
 from gti.core.config import (
     DataConfig,
@@ -41,18 +41,6 @@ class CountBatches(L.Callback):
 
     def on_train_batch_end(self, *args):
         self.batches += 1
-
-
-def add_callbacks(monkeypatch, *callbacks) -> None:
-    """Every Trainer the stages build gets these callbacks too (the stages import make_trainer at call time)."""
-    import gti.train.trainer
-
-    real = gti.train.trainer.make_trainer
-
-    def make_trainer(t, run_dir, max_steps, cbs=None, **kw):
-        return real(t, run_dir, max_steps, [*(cbs or []), *callbacks], **kw)
-
-    monkeypatch.setattr(gti.train.trainer, "make_trainer", make_trainer)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
