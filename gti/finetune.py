@@ -10,7 +10,6 @@ Writes model/, metrics.json, predictions.jsonl, gti.json, config.yaml and logs/ 
 from __future__ import annotations
 
 import sys
-from functools import partial
 from pathlib import Path
 
 from gti.core.config import FinetuneConfig, eval_problems
@@ -26,7 +25,6 @@ def run(cfg: FinetuneConfig) -> Path:
         problems.append(f"templates={list(cfg.templates)}: one or more indices of the {len(REC_TEMPLATES)} rec templates (0..{len(REC_TEMPLATES) - 1})")
     if problems:
         raise ConfigError.listing(problems)
-    from torch.utils.data import DataLoader
 
     from gti.analysis.snapshot import diagnose_rows, public
     from gti.core.io import write_json, write_jsonl
@@ -43,7 +41,7 @@ def run(cfg: FinetuneConfig) -> Path:
         check_prompt_lengths,
         gather_predictions,
     )
-    from gti.train.rows import collate, eval_rows, rec_train_rows
+    from gti.train.rows import eval_rows, prompt_loader, rec_train_rows
     from gti.train.stage import Stage, load_stage1, run_metadata
     from gti.train.templates import PromptFormatter
 
@@ -67,9 +65,10 @@ def run(cfg: FinetuneConfig) -> Path:
     items = sorted(ds.index)
     trie = SidTrie([tokenizer.convert_tokens_to_ids(ds.index[i]) for i in items], tokenizer.eos_token_id)
     train_loader, padding = stage.training_loader(rows, tokenizer.pad_token_id)
-    prompts = partial(collate, pad_id=tokenizer.pad_token_id, left=True)  # longest prompts first (eval_rows)
-    val_loader = DataLoader(eval_rows(ds, valid, fmt, cfg.templates[0]), batch_size=cfg.eval.batch_size, collate_fn=prompts)
-    test_loader = DataLoader(eval_rows(ds, test, fmt, cfg.templates[0]), batch_size=cfg.eval.batch_size, collate_fn=prompts)
+    def prompts(users):  # longest prompts first (eval_rows)
+        return prompt_loader(eval_rows(ds, users, fmt, cfg.templates[0]), tokenizer.pad_token_id, cfg.eval.batch_size)
+
+    val_loader, test_loader = prompts(valid), prompts(test)
 
     if cfg.lora.enabled:
         model = apply_lora(model, cfg, new)
@@ -93,8 +92,7 @@ def run(cfg: FinetuneConfig) -> Path:
     if cfg.eval.exact_check_users > 0:  # every rank ranks (an FSDP forward needs them all); rank 0 records it
         users = test[: cfg.eval.exact_check_users]
         stage.say(f"beam vs exact ranking on {len(users)} test users ...")
-        loader = DataLoader(eval_rows(ds, users, fmt, cfg.templates[0]), batch_size=cfg.eval.batch_size, collate_fn=prompts)
-        check = {"beam_vs_exact": beam_vs_exact(module.model, tokenizer, trie, loader, cfg.eval)}
+        check = {"beam_vs_exact": beam_vs_exact(module.model, tokenizer, trie, prompts(users), cfg.eval)}
         stage.say(f"beam vs exact: {check['beam_vs_exact']}")
 
     # save (rank 0)

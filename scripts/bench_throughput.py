@@ -16,6 +16,10 @@ Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's
   5. time from the command to the first training step of `python -m gti.finetune` (1 step, 2 test users), as
      the stage prints it, run twice: the first on a copy of the dataset folder without its cache, the second finds
      the tokenised-row cache the first one wrote.
+  6. the host time a training batch costs before the step (1-3 time pre-collated batches): milliseconds to fetch
+     and collate one batch as the stages' loader does (gti.train.rows.StoredRows: arrow columns to padded
+     tensors) and as row dicts (`datasets.Dataset.__getitems__`, one Python dict per row: the loader before).
+     With no loader workers (trainer.num_workers=0) this time adds to every step.
     OMP_NUM_THREADS=1 python scripts/bench_throughput.py --steps 1 --warmup 1 --precision 32-true \\
         --rank-users 8 --beams 5 --no-ttfs                     # CPU, a quick look (~3 CPU minutes)
     python scripts/bench_throughput.py --accelerator gpu --steps 20 --warmup 3 --ground-batch 64 \\
@@ -50,12 +54,12 @@ def sync(device: torch.device) -> float:
 def raw_loss(model, batch: dict) -> torch.Tensor:
     """Next-token loss with the head only where a label is read: (B, T, d) -> (N, d) -> (N, V), fp32 CE."""
     labels = batch["labels"]
-    keep = labels[:, 1:] != -100  # (B, T-1)
-    target = labels[:, 1:][keep]  # (N,)
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # (N,) each, one host sync before the forward
+    target = labels[:, 1:][rows, cols]
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])
+    logits = model.get_output_embeddings()(hidden[rows, cols])
     return torch.nn.functional.cross_entropy(logits.float(), target)
 
 
@@ -124,6 +128,9 @@ def step_speed(module, twin, data: list[dict], precision: str, accelerator: str,
 def batches(rows: list, batch_size: int, n: int, pad_id: int, seed: int = 0) -> list[dict]:
     from gti.train.rows import collate
 
+    if len(rows) < batch_size * n:
+        raise SystemExit(f"{n} batches of {batch_size} need {batch_size * n} distinct rows; there are {len(rows)}: "
+                         "lower --steps or the batch size")  # fmt: skip
     picked = [vars(r) for r in random.Random(seed).sample(rows, batch_size * n)]  # Encoded -> {input_ids, labels}
     return [collate(picked[i * batch_size : (i + 1) * batch_size], pad_id) for i in range(n)]
 
@@ -147,7 +154,8 @@ def build(args):
     fmt = PromptFormatter(tok)
     ground_rows = grounding_examples(ds, new, fmt, GroundStageConfig().templates, args.ground_len, stage="bench")
     ft = FinetuneConfig(data=DataConfig(max_history=args.history), max_length=args.finetune_len)
-    train = last_per_user(leave_one_out(ds.inter, ft.data.max_history)["train"], 1)
+    needed = args.finetune_batch * (args.warmup + 2 * args.steps + 1)  # distinct rows for the timed batches
+    train = last_per_user(leave_one_out(ds.inter, ft.data.max_history)["train"], -(-needed // len(ds.inter)))
     ft_rows = train_rows(ds, train, fmt, ft, new)
     return ds, model, tok, new, fmt, ft, ground_rows, ft_rows
 
@@ -178,6 +186,29 @@ def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
             print(f"[bench] {stage} {precision}: ours {tps['lean']:.0f}, raw {tps['raw']:.0f}, "
                   f"full {tps['full']:.0f} tokens/s", flush=True)  # fmt: skip
     return speed
+
+
+# ----------------------------------------------------------------------------------------- data path
+def loader_speed(args, pad_id: int, ground_rows: list, ft_rows: list, repeats: int = 20) -> dict:
+    """ms per training batch to fetch + collate from stored rows: as StoredRows hands them over, and as row dicts."""
+    import datasets
+
+    from gti.train.rows import StoredRows, collate, row_features
+
+    out = {}
+    for stage, rows, size in (("ground", ground_rows, args.ground_batch), ("finetune", ft_rows, args.finetune_batch)):
+        table = datasets.Dataset.from_list([{"input_ids": r.input_ids, "labels": r.labels} for r in rows], features=row_features())
+        picks = [random.Random(i).sample(range(len(table)), min(size, len(table))) for i in range(repeats)]
+        ms = {}
+        for name, fetch in (("stored", StoredRows(table).__getitems__), ("dicts", table.__getitems__)):
+            t = time.perf_counter()
+            for idx in picks:  # what the DataLoader's fetcher does with a batch of indices
+                collate(fetch(idx), pad_id)
+            ms[name] = (time.perf_counter() - t) / repeats * 1e3
+        out[stage] = ms
+        print(f"[bench] {stage} batch of {size}: fetch + collate {ms['stored']:.1f} ms stored, {ms['dicts']:.1f} ms "
+              "as row dicts", flush=True)  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------------------- ranking
@@ -261,7 +292,7 @@ def time_to_first_step(args) -> list[tuple[float | None, float]]:
 
 
 # ----------------------------------------------------------------------------------------- report
-def print_table(args, speed: dict, ranking: dict | None, ttfs: list | None) -> None:
+def print_table(args, speed: dict, loading: dict, ranking: dict | None, ttfs: list | None) -> None:
     gpu = device_for(args.accelerator).type == "cuda"
     where = f"cuda ({torch.cuda.get_device_name()})" if gpu else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\nmodel={args.model} on {where}; ground {args.ground_batch} x {args.ground_len}, finetune "
@@ -273,6 +304,9 @@ def print_table(args, speed: dict, ranking: dict | None, ttfs: list | None) -> N
               f"{s['lean'] / s['raw']:8.2f}x {s['lean'] / s['full']:9.2f}x")  # fmt: skip
     print("ours = the stages' lean step (LightningModule + make_trainer); raw = plain PyTorch twin (target "
           "ours/raw >= 0.9x); full = trainer.lean_step=false")  # fmt: skip
+    print("\nhost time per training batch before the step (fetch + collate, no loader workers): "
+          + "; ".join(f"{stage} {ms['stored']:.1f} ms (as row dicts {ms['dicts']:.1f} ms, "
+                      f"{ms['dicts'] / ms['stored']:.1f}x)" for stage, ms in loading.items()))  # fmt: skip
     if ranking:
         print(f"\nranking {ranking['users']} {args.dataset} test users, beam {args.beams}, batch {args.rank_batch}: "
               f"ours {ranking['ours']:.1f} users/s, HF generate + trie {ranking['hf']:.1f} users/s, "
@@ -311,8 +345,9 @@ def main() -> None:
     ds, model, tok, new, fmt, ft_cfg, ground_rows, ft_rows = build(args)
     ranking = None if args.no_rank else ranking_speed(args, ds, model, tok, fmt)  # before the overlay goes in
     speed = training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows)
+    loading = loader_speed(args, tok.pad_token_id, ground_rows, ft_rows)
     ttfs = None if args.no_ttfs else time_to_first_step(args)
-    print_table(args, speed, ranking, ttfs)
+    print_table(args, speed, loading, ranking, ttfs)
 
 
 if __name__ == "__main__":

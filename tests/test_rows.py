@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 from fixtures import write_toy_dataset
 
 from gti.core.config import DataConfig, FinetuneConfig
@@ -14,7 +15,7 @@ from gti.testing import grounding_examples, last_per_user, train_rows
 from gti.tokens.vocab import add_tokens, sid_tokens
 from gti.train.compose import RecComposer
 from gti.train.recommender import rec_prompt
-from gti.train.rows import collate, eval_rows, grounding_rows, rec_train_rows, train_table
+from gti.train.rows import StoredRows, collate, eval_rows, grounding_rows, rec_train_rows, train_table
 from gti.train.templates import GROUNDING_TEMPLATES, PromptFormatter
 
 
@@ -132,6 +133,29 @@ def test_eval_rows_longest_first_and_left_padded(toy):
     batch = collate([rows[0], rows[len(rows) - 1]], pad_id=0, left=True)
     assert "labels" not in batch and batch["attention_mask"][:, -1].all()  # left padded: every prompt ends at the edge
     assert batch["index"].tolist() == [rows[0]["index"], rows[len(rows) - 1]["index"]]
+
+
+def padded_by_hand(rows: list[dict], key: str, fill: int, left: bool) -> list[list[int]]:
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = [[fill] * (width - len(r[key])) for r in rows]
+    return [p + r[key] if left else r[key] + p for p, r in zip(pad, rows)]
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_stored_rows_collate_to_the_padded_rows(toy, left):
+    """The training loader's batches (StoredRows: arrow columns, padded without a per-row loop) hold each row's
+    tokens and labels at its own positions; a shuffled subset (an indices mapping over the arrow table) too."""
+    ds, new, fmt = toy
+    cfg = FinetuneConfig(data=DataConfig(name="toy", max_history=3), max_length=96, train_per_user=2)
+    rows = rec_train_rows(ds, fmt, cfg, new).shuffle(seed=1).select(range(7))
+    picked = [5, 0, 3, 3]
+    want = [rows[i] for i in picked]
+    for batch in (collate(StoredRows(rows).__getitems__(picked), 9, left), collate(want, 9, left)):
+        assert batch["input_ids"].tolist() == padded_by_hand(want, "input_ids", 9, left)
+        assert batch["labels"].tolist() == padded_by_hand(want, "labels", -100, left)
+        ones = [{"input_ids": [1] * len(r["input_ids"])} for r in want]
+        assert batch["attention_mask"].tolist() == padded_by_hand(ones, "input_ids", 0, left)
+        assert batch["input_ids"].dtype == batch["labels"].dtype == batch["attention_mask"].dtype == torch.long
 
 
 def test_chat_frame_matches_the_template_and_falls_back(tokenizer):

@@ -146,9 +146,9 @@ def training_loader(rows, pad_id: int, seed: int, batch_size: int, t) -> tuple:
     """Both stages' training DataLoader over stored rows (gti.train.rows): the resumable shuffle, grouped by length
     unless trainer.group_by_length=false, by optimizer step (trainer.accumulate_grad_batches).
     Returns (loader, the start-up line on padding)."""
-    from gti.train.rows import collate, row_lengths
+    from gti.train.rows import StoredRows, collate, row_lengths
 
     lengths = row_lengths(rows)
     sampler = EpochShuffleSampler(len(rows), seed, batch_size, lengths if t.group_by_length else None, t.accumulate_grad_batches)
-    loader = ResumableLoader(rows, sampler, batch_size=batch_size, num_workers=t.num_workers, collate_fn=partial(collate, pad_id=pad_id))
+    loader = ResumableLoader(StoredRows(rows), sampler, batch_size=batch_size, num_workers=t.num_workers, collate_fn=partial(collate, pad_id=pad_id))
     return loader, padding_summary(sampler, lengths)

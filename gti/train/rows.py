@@ -86,26 +86,66 @@ def row_lengths(rows) -> torch.Tensor:
     return torch.tensor(pc.list_value_length(rows.data.column("input_ids")).to_numpy())
 
 
-def collate(rows: list[dict], pad_id: int, left: bool = False) -> dict:
-    """Stored rows -> padded (B, T) tensors; left padding for generation. Rows without labels are prompts."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long) if "labels" in rows[0] else None
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        cols = slice(width - n, width) if left else slice(0, n)
-        ids[i, cols] = torch.as_tensor(r["input_ids"])
-        mask[i, cols] = 1
-        if labels is not None:
-            labels[i, cols] = torch.as_tensor(r["labels"])
+class StoredRows(torch.utils.data.Dataset):
+    """Stored rows for a DataLoader that fetches a batch at a time: `__getitems__` hands `collate` the batch as
+    arrow columns. `datasets.Dataset.__getitems__` returns one Python dict of lists per row, and turning those
+    back into tensors cost more host time per step than a GPU needs for the step's compute at batch 256."""
+
+    def __init__(self, rows):
+        self.rows = rows.with_format("arrow")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.rows[[i]]
+
+    def __getitems__(self, indices: list[int]):
+        return self.rows[indices]  # a pyarrow Table, one row per index
+
+
+def collate(rows, pad_id: int, left: bool = False) -> dict:
+    """Stored rows -> padded (B, T) tensors; left padding for generation. Rows without labels are prompts.
+    `rows`: a pyarrow Table (StoredRows) or row dicts (a list, a `datasets.Dataset`)."""
+    import pyarrow as pa
+
+    table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist([dict(r) for r in rows])
+    ids, spots = _padded(table.column("input_ids"), pad_id, left)
+    mask = torch.zeros(ids.shape, dtype=torch.long)
+    mask[spots] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
-    if labels is not None:
-        batch["labels"] = labels
+    if "labels" in table.column_names:
+        batch["labels"] = _padded(table.column("labels"), -100, left)[0]
     for k in ("index", "target", "user"):  # evaluation prompts carry who they are
-        if k in rows[0]:
-            batch[k] = torch.tensor([r[k] for r in rows])
+        if k in table.column_names:
+            batch[k] = torch.from_numpy(table.column(k).to_numpy().astype("int64"))
     return batch
+
+
+def prompt_loader(rows, pad_id: int, batch_size: int):
+    """Evaluation prompts (eval_rows) in batches of `batch_size`, left padded, in the rows' order (longest first)."""
+    from functools import partial
+
+    return torch.utils.data.DataLoader(StoredRows(rows), batch_size=batch_size, collate_fn=partial(collate, pad_id=pad_id, left=True))
+
+
+def _padded(column, fill: int, left: bool) -> tuple[torch.Tensor, tuple]:
+    """A list column -> (B, longest) int64 tensor padded with `fill` on the right (left: on the left), and the
+    (row, column) indices of the real tokens. Vectorised over the flat values: no per-row Python."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    column = column.combine_chunks()
+    n = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)  # (B,)
+    flat = column.flatten().to_numpy(zero_copy_only=False)  # the rows' tokens end to end, offsets applied
+    width = int(n.max(initial=0))
+    row = np.repeat(np.arange(len(n)), n)
+    col = np.arange(len(flat)) - np.repeat(np.cumsum(n) - n, n)  # position inside its own row
+    if left:
+        col += np.repeat(width - n, n)
+    out = np.full((len(n), width), fill, dtype=np.int64)
+    out[row, col] = flat
+    return torch.from_numpy(out), (torch.from_numpy(row), torch.from_numpy(col))
 
 
 # ----------------------------------------------------------------------------------------- grounding rows

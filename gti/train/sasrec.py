@@ -169,9 +169,10 @@ class SasrecModule(L.LightningModule):
         self._losses: list[torch.Tensor] = []
 
     def loss(self, batch: dict) -> torch.Tensor:
-        keep = batch["target"] >= 0  # (B, T): real positions
-        hidden = self.model(batch["seq"])[keep]  # (M, d), not (B, T, d): logits only where a target is read
-        return F.cross_entropy(self.model.scores(hidden).float(), batch["target"][keep])
+        # (M,) real positions, found before the forward (a boolean index after it would wait for its compute)
+        rows, cols = (batch["target"] >= 0).nonzero(as_tuple=True)
+        hidden = self.model(batch["seq"])[rows, cols]  # (M, d), not (B, T, d): logits only where a target is read
+        return F.cross_entropy(self.model.scores(hidden).float(), batch["target"][rows, cols])
 
     def training_step(self, batch, batch_idx):
         loss = self.loss(batch)

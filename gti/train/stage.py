@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from gti.core.config import to_dict
@@ -143,13 +142,12 @@ def load_finetuned(run_dir: str | Path, users: int = 0, batch_size: int = 0) -> 
     """RUN_DIR's model, and its test prompts rebuilt as gti.finetune built them (the same data slice, history
     length, template and trie). `users` > 0: the first N test users only; `batch_size` 0: the run's eval.batch_size."""
     import torch
-    from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gti.data.dataset import leave_one_out, load_dataset
     from gti.data.slices import subset
     from gti.rank.trie import SidTrie
-    from gti.train.rows import collate, eval_rows
+    from gti.train.rows import eval_rows, prompt_loader
     from gti.train.templates import PromptFormatter
 
     run = read_run(run_dir, "finetune", what="RUN_DIR")
@@ -162,5 +160,5 @@ def load_finetuned(run_dir: str | Path, users: int = 0, batch_size: int = 0) -> 
     model = AutoModelForCausalLM.from_pretrained(run.model_dir, dtype=torch.float32).eval()
     trie = SidTrie([tok.convert_tokens_to_ids(ds.index[i]) for i in sorted(ds.index)], tok.eos_token_id)
     rows = eval_rows(ds, test, PromptFormatter(tok), cfg["templates"][0])  # longest prompts first, as ranked
-    loader = DataLoader(rows, batch_size=batch_size or cfg["eval"]["batch_size"], collate_fn=partial(collate, pad_id=tok.pad_token_id, left=True))
+    loader = prompt_loader(rows, tok.pad_token_id, batch_size or cfg["eval"]["batch_size"])
     return Reranking(model, tok, cfg, [test[i] for i in rows["index"]], trie, loader)

@@ -17,15 +17,16 @@ def lean_lm_loss(model, batch: dict, decoder=None) -> torch.Tensor:
     HF model, a peft-wrapped one and the overlay's NewRowsHead (tied or untied). `decoder`: the
     model's decoder forward compiled (trainer.compile), else the decoder itself."""
     labels = batch["labels"]
-    keep = labels[:, 1:] != -100  # (B, T-1): position t predicts token t+1
-    # the boolean index needs the count on the host: taken before the forward is queued, it waits
-    # only for the batch's copy to the device, not for the decoder's compute
-    target = labels[:, 1:][keep]  # (N,)
+    # (N,) labelled positions, position t predicting token t+1. nonzero needs the count on the host: taken once,
+    # before the forward is queued, it waits only for the batch's copy to the device. A boolean index of the
+    # hidden states would take it again after the forward, stalling the host until the decoder's compute is done.
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    target = labels[:, 1:][rows, cols]  # (N,)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers sit in place
     hidden = (decoder or base.get_decoder())(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
     ).last_hidden_state  # (B, T, d)
-    logits = base.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V), not (B, T, V)
+    logits = base.get_output_embeddings()(hidden[rows, cols])  # (N, V), not (B, T, V)
     return torch.nn.functional.cross_entropy(logits.float(), target)
 
 
