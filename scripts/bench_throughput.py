@@ -177,6 +177,8 @@ def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
         "finetune": (RecommenderModule(copy.deepcopy(model), tok, None, ft_cfg), ft_data),  # full fine-tuning
         "ground": (GroundingModule(model, new, lr=1e-3, weight_decay=0.0, warmup_steps=0), ground_data),  # overlay
     }
+    for module, _ in modules.values():
+        module.compile_step = args.compile  # compiled for the lean path at setup; the full step stays eager
     speed = {}
     for precision in args.precision:
         for stage in ("ground", "finetune"):
@@ -302,7 +304,7 @@ def print_table(args, speed: dict, loading: dict, ranking: dict | None, ttfs: li
     for (stage, precision), s in speed.items():
         print(f"{stage:9} {precision:11} {s['lean']:11.0f} {s['raw']:10.0f} {s['full']:11.0f} "
               f"{s['lean'] / s['raw']:8.2f}x {s['lean'] / s['full']:9.2f}x")  # fmt: skip
-    print("ours = the stages' lean step (LightningModule + make_trainer); raw = plain PyTorch twin (target "
+    print(f"ours = the stages' lean step (LightningModule + make_trainer{', trainer.compile=true' if args.compile else ''}); raw = plain PyTorch twin (target "
           "ours/raw >= 0.9x); full = trainer.lean_step=false")  # fmt: skip
     print("\nhost time per training batch before the step (fetch + collate, no loader workers): "
           + "; ".join(f"{stage} {ms['stored']:.1f} ms (as row dicts {ms['dicts']:.1f} ms, "
@@ -332,6 +334,8 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"])
     ap.add_argument("--accelerator", default="auto", help="auto | cpu | gpu")
     ap.add_argument("--threads", type=int, default=0, help=">0: torch.set_num_threads")
+    ap.add_argument("--compile", action="store_true", help="ours as trainer.compile=true runs it (the full step and raw stay eager); "
+                    "give --warmup 6 or more: compiling, and one recompile for a new batch width, happen in warm-up")
     ap.add_argument("--rank-users", type=int, default=0, help="test users ranked (0: 8 on CPU, 512 on CUDA)")
     ap.add_argument("--rank-batch", type=int, default=16, help="prompts per beam search (eval.batch_size)")
     ap.add_argument("--beams", type=int, default=20)

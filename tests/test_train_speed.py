@@ -307,6 +307,35 @@ def test_trainer_compile_wires_the_compiled_forward_into_the_step(tmp_path, toke
     torch.set_num_threads(threads)
 
 
+def test_a_step_on_the_other_path_runs_eager(tmp_path, tokenizer, monkeypatch):
+    """The forward compiled for the lean step is the decoder's: a step with lean_step switched off (bench_throughput
+    alternates them) must run the whole model eagerly, not the compiled decoder, and get HF's loss."""
+    from lightning.pytorch.callbacks import LambdaCallback
+
+    import gti.train.trainer
+
+    calls, losses = [], []
+
+    def fake_compile(fn):
+        def compiled(*args, **kw):
+            calls.append(fn)
+            return fn(*args, **kw)
+
+        return compiled
+
+    def lean_first(trainer, module, batch, batch_idx):
+        module.lean_step = batch_idx == 0
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(gti.train.trainer, "_first_step_reported", False)
+    module, batch = tiny_grounding(tokenizer)
+    module.compile_step = True
+    hooks = LambdaCallback(on_train_batch_start=lean_first, on_train_batch_end=lambda t, m, out, b, i: losses.append(out["loss"]))
+    trainer = gti.train.trainer.make_trainer(TrainerConfig(max_steps=2, accelerator="cpu"), tmp_path, 2, callbacks=[hooks], enable_progress_bar=False)
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * 2, batch_size=None))
+    assert len(calls) == 1 and len(losses) == 2 and all(torch.isfinite(x) for x in losses)
+
+
 # ----------------------------------------------------------------------------------------- trainer
 def test_first_step_line_is_printed_once_per_process(tmp_path, tokenizer, monkeypatch, capsys):
     import re

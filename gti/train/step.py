@@ -46,8 +46,10 @@ def compile_training_forward(module) -> None:
     become a submodule and every weight would appear twice in its state_dict."""
     model = module.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    target = base.get_decoder() if takes_lean_step(module) else model
+    lean = takes_lean_step(module)
+    target = base.get_decoder() if lean else model
     module.compiled_forward = torch.compile(target.forward)
+    module.compiled_for_lean = lean  # the path it serves: a benchmark that switches lean_step runs the other eager
 
 
 def start_fit(module) -> None:
@@ -67,9 +69,10 @@ def lm_training_step(module, batch: dict) -> torch.Tensor:
     """Next-token loss of `module.model` on a batch, logged; a NaN/inf loss stops the run (both stages).
 
     `module.lean_step` (trainer.lean_step) picks the lean loss; false: HF's full-logits forward, for comparisons."""
-    model = module.model
+    model, lean = module.model, takes_lean_step(module)
     compiled = getattr(module, "compiled_forward", None)  # see compile_training_forward
-    loss = lean_lm_loss(model, batch, compiled) if takes_lean_step(module) else (compiled or model)(**batch).loss
+    compiled = compiled if getattr(module, "compiled_for_lean", None) == lean else None
+    loss = lean_lm_loss(model, batch, compiled) if lean else (compiled or model)(**batch).loss
     note_divergence(module, loss)
     t, n = module.trainer, module.global_step + 1  # n: optimizer steps once this one is done
     if n % t.log_every_n_steps == 0 or n == t.max_steps or t.is_last_batch:  # and before every checkpoint
