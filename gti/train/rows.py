@@ -89,7 +89,8 @@ def row_lengths(rows) -> torch.Tensor:
 class StoredRows(torch.utils.data.Dataset):
     """Stored rows for a DataLoader that fetches a batch at a time: `__getitems__` hands `collate` the batch as
     arrow columns. `datasets.Dataset.__getitems__` returns one Python dict of lists per row, and turning those
-    back into tensors cost more host time per step than a GPU needs for the step's compute at batch 256."""
+    back into tensors took 32 ms for a 256-row ML-1M batch on a 2-core machine (5 ms as columns): host time inside
+    every step when the loader has no workers (trainer.num_workers=0)."""
 
     def __init__(self, rows):
         self.rows = rows.with_format("arrow")
