@@ -135,6 +135,11 @@ def batches(rows: list, batch_size: int, n: int, pad_id: int, seed: int = 0) -> 
     return [collate(picked[i * batch_size : (i + 1) * batch_size], pad_id) for i in range(n)]
 
 
+def timed_batches(args) -> int:
+    """Batches a training stage runs in step_speed: warm-up, lean and full steps alternating, and the one it ends on."""
+    return args.warmup + 2 * args.steps + 1
+
+
 def device_for(accelerator: str) -> torch.device:
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return torch.device("cuda" if gpu else "cpu")
@@ -154,7 +159,7 @@ def build(args):
     fmt = PromptFormatter(tok)
     ground_rows = grounding_examples(ds, new, fmt, GroundStageConfig().templates, args.ground_len, stage="bench")
     ft = FinetuneConfig(data=DataConfig(max_history=args.history), max_length=args.finetune_len)
-    needed = args.finetune_batch * (args.warmup + 2 * args.steps + 1)  # distinct rows for the timed batches
+    needed = args.finetune_batch * timed_batches(args)  # distinct rows for the batches
     train = last_per_user(leave_one_out(ds.inter, ft.data.max_history)["train"], -(-needed // len(ds.inter)))
     ft_rows = train_rows(ds, train, fmt, ft, new)
     return ds, model, tok, new, fmt, ft, ground_rows, ft_rows
@@ -165,7 +170,7 @@ def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
     from gti.train.grounding import GroundingModule
     from gti.train.recommender import RecommenderModule
 
-    n = args.warmup + 2 * args.steps + 1
+    n = timed_batches(args)
     ground_data = batches(ground_rows, args.ground_batch, n, tok.pad_token_id)
     ft_data = batches(ft_rows, args.finetune_batch, n, tok.pad_token_id)
     raw_ft, raw_ground = copy.deepcopy(model), copy.deepcopy(model)

@@ -115,8 +115,9 @@ def collate(rows, pad_id: int, left: bool = False) -> dict:
     mask = torch.zeros(ids.shape, dtype=torch.long)
     mask[spots] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
-    if "labels" in table.column_names:
-        batch["labels"] = _padded(table.column("labels"), -100, left)[0]
+    if "labels" in table.column_names:  # a row's labels are as long as its input_ids: the same positions
+        batch["labels"] = torch.full(ids.shape, -100, dtype=torch.long)
+        batch["labels"][spots] = torch.from_numpy(_flat(table.column("labels").combine_chunks()))
     for k in ("index", "target", "user"):  # evaluation prompts carry who they are
         if k in table.column_names:
             batch[k] = torch.from_numpy(table.column(k).to_numpy().astype("int64"))
@@ -138,7 +139,7 @@ def _padded(column, fill: int, left: bool) -> tuple[torch.Tensor, tuple]:
 
     column = column.combine_chunks()
     n = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)  # (B,)
-    flat = column.flatten().to_numpy(zero_copy_only=False)  # the rows' tokens end to end, offsets applied
+    flat = _flat(column)
     width = int(n.max(initial=0))
     row = np.repeat(np.arange(len(n)), n)
     col = np.arange(len(flat)) - np.repeat(np.cumsum(n) - n, n)  # position inside its own row
@@ -147,6 +148,11 @@ def _padded(column, fill: int, left: bool) -> tuple[torch.Tensor, tuple]:
     out = np.full((len(n), width), fill, dtype=np.int64)
     out[row, col] = flat
     return torch.from_numpy(out), (torch.from_numpy(row), torch.from_numpy(col))
+
+
+def _flat(column):
+    """A list array's values end to end (offsets applied), int64."""
+    return column.flatten().to_numpy(zero_copy_only=False).astype("int64")
 
 
 # ----------------------------------------------------------------------------------------- grounding rows
