@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gti.core.config import FinetuneConfig, eval_problems
+from gti.core.config import FinetuneConfig, eval_problems, trainer_problems
 from gti.core.errors import ConfigError
 
 
@@ -20,7 +20,7 @@ def run(cfg: FinetuneConfig) -> Path:
     from gti.tokens.init_strategies import init_problems
     from gti.train.templates import REC_TEMPLATES
 
-    problems = eval_problems(cfg.eval) + ([] if cfg.init_from else init_problems(cfg.init, cfg.init_options))
+    problems = eval_problems(cfg.eval) + trainer_problems(cfg.trainer) + ([] if cfg.init_from else init_problems(cfg.init, cfg.init_options))
     if not cfg.templates or not all(0 <= t < len(REC_TEMPLATES) for t in cfg.templates):
         problems.append(f"templates={list(cfg.templates)}: one or more indices of the {len(REC_TEMPLATES)} rec templates (0..{len(REC_TEMPLATES) - 1})")
     if problems:

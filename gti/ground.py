@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gti.core.config import GroundConfig
+from gti.core.config import GroundConfig, trainer_problems
 from gti.core.errors import ConfigError
 
 
@@ -25,7 +25,7 @@ def validate(cfg: GroundConfig) -> None:
         problems.append("optim.batch_size must be >= 1 and max_length >= 8")
     from gti.tokens.init_strategies import init_problems
 
-    problems += init_problems(cfg.init, cfg.init_options)
+    problems += init_problems(cfg.init, cfg.init_options) + trainer_problems(cfg.trainer)
     if problems:
         raise ConfigError.listing(problems)
 
@@ -42,6 +42,7 @@ def run(cfg: GroundConfig) -> Path:
     from gti.train.grounding import GroundingModule
     from gti.train.rows import grounding_rows
     from gti.train.stage import Stage, run_metadata
+    from gti.train.step import compile_mode
     from gti.train.templates import PromptFormatter
 
     validate(cfg)
@@ -57,7 +58,7 @@ def run(cfg: GroundConfig) -> Path:
     old_rows = model.get_input_embeddings().weight.detach()[: new.start].clone()
     diag_init = diagnose_rows(model, tokenizer, new, ds, work, "init") if cfg.diagnostics and global_rank() == 0 else {}
     o = cfg.optim
-    fast = dict(lean_step=cfg.trainer.lean_step, compile_step=cfg.trainer.compile)  # trainer.lean_step / trainer.compile
+    fast = dict(lean_step=cfg.trainer.lean_step, compile_mode=compile_mode(cfg.trainer))  # trainer.lean_step / .compile / .compile_mode
     module = GroundingModule(model, new, o.lr, o.weight_decay, o.warmup_steps, **fast)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())

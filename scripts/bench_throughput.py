@@ -125,14 +125,14 @@ def step_speed(module, twin, data: list[dict], precision: str, accelerator: str,
     return {v: timer.tokens[v] / timer.seconds[v] for v in timer.seconds}
 
 
-def batches(rows: list, batch_size: int, n: int, pad_id: int, seed: int = 0) -> list[dict]:
+def batches(rows: list, batch_size: int, n: int, pad_id: int, multiple: int = 1, seed: int = 0) -> list[dict]:
     from gti.train.rows import collate
 
     if len(rows) < batch_size * n:
         raise SystemExit(f"{n} batches of {batch_size} need {batch_size * n} distinct rows; there are {len(rows)}: "
                          "lower --steps or the batch size")  # fmt: skip
     picked = [vars(r) for r in random.Random(seed).sample(rows, batch_size * n)]  # Encoded -> {input_ids, labels}
-    return [collate(picked[i * batch_size : (i + 1) * batch_size], pad_id) for i in range(n)]
+    return [collate(picked[i * batch_size : (i + 1) * batch_size], pad_id, multiple=multiple) for i in range(n)]
 
 
 def timed_batches(args) -> int:
@@ -165,25 +165,30 @@ def build(args):
     return ds, model, tok, new, fmt, ft, ground_rows, ft_rows
 
 
-def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
-    from gti.tokens.overlay import install_overlay
+def stage_modules(args, model, tok, new, ft_cfg, ground_rows, ft_rows, n: int) -> dict:
+    """stage -> (its LightningModule as the stage builds it, n batches of its rows at the bench's sizes)."""
     from gti.train.grounding import GroundingModule
     from gti.train.recommender import RecommenderModule
 
-    n = timed_batches(args)
-    ground_data = batches(ground_rows, args.ground_batch, n, tok.pad_token_id)
-    ft_data = batches(ft_rows, args.finetune_batch, n, tok.pad_token_id)
+    pad, multiple = tok.pad_token_id, args.pad_to_multiple_of
+    modules = {
+        "finetune": (RecommenderModule(copy.deepcopy(model), tok, None, ft_cfg), batches(ft_rows, args.finetune_batch, n, pad, multiple)),
+        "ground": (GroundingModule(model, new, lr=1e-3, weight_decay=0.0, warmup_steps=0), batches(ground_rows, args.ground_batch, n, pad, multiple)),
+    }  # fmt: skip
+    for module, _ in modules.values():
+        module.compile_mode = args.compile  # compiled for the lean path at setup; the full step stays eager
+    return modules
+
+
+def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
+    from gti.tokens.overlay import install_overlay
+
     raw_ft, raw_ground = copy.deepcopy(model), copy.deepcopy(model)
     raw_cells = {
         "ground": (raw_ground, install_overlay(raw_ground, new.start, len(new)), 1e-3, 0.0),
         "finetune": (raw_ft, list(raw_ft.parameters()), ft_cfg.optim.lr, ft_cfg.optim.weight_decay),
     }
-    modules = {
-        "finetune": (RecommenderModule(copy.deepcopy(model), tok, None, ft_cfg), ft_data),  # full fine-tuning
-        "ground": (GroundingModule(model, new, lr=1e-3, weight_decay=0.0, warmup_steps=0), ground_data),  # overlay
-    }
-    for module, _ in modules.values():
-        module.compile_step = args.compile  # compiled for the lean path at setup; the full step stays eager
+    modules = stage_modules(args, model, tok, new, ft_cfg, ground_rows, ft_rows, timed_batches(args))
     speed = {}
     for precision in args.precision:
         for stage in ("ground", "finetune"):
@@ -193,6 +198,56 @@ def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
             print(f"[bench] {stage} {precision}: ours {tps['lean']:.0f}, raw {tps['raw']:.0f}, "
                   f"full {tps['full']:.0f} tokens/s", flush=True)  # fmt: skip
     return speed
+
+
+def profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
+    """--profile: where the time of ours-lean goes, per stage and precision, as the stages run it (make_trainer,
+    trainer.compile as --compile says). torch.profiler records --steps steps after --warmup: wall ms per step
+    (from one batch start to the next, synchronised), ms of torch ops on the host (self time: dispatch and CPU
+    kernels; Python between ops is not in it), device kernel ms and kernel launches per step, and the top ops.
+    A step is host-bound when its kernel time is well under its wall time."""
+    from lightning.pytorch.callbacks import LambdaCallback
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from gti.core.config import TrainerConfig
+    from gti.train.trainer import make_trainer
+
+    device, steps, warmup = device_for(args.accelerator), args.steps, args.warmup
+    cuda = device.type == "cuda"
+    modules = stage_modules(args, model, tok, new, ft_cfg, ground_rows, ft_rows, warmup + steps + 1)
+    summary = {}
+    for precision in args.precision:
+        for stage, (module, data) in modules.items():
+            module.lean_step, clock = True, {}
+            prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
+                           schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1))  # fmt: skip
+
+            def started(_trainer, _module, _batch, i):
+                if i in (warmup, warmup + steps):
+                    clock[i] = sync(device)
+
+            hooks = LambdaCallback(on_train_batch_start=started, on_train_batch_end=lambda *_: prof.step())
+            cfg = TrainerConfig(max_steps=len(data), accelerator=args.accelerator, precision=precision)
+            with tempfile.TemporaryDirectory() as tmp, prof:
+                trainer = make_trainer(cfg, Path(tmp), len(data), callbacks=[hooks], enable_progress_bar=False)
+                trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+            ops = prof.key_averages()
+            kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+            s = summary[(stage, precision)] = {
+                "wall_ms": (clock[warmup + steps] - clock[warmup]) / steps * 1e3,
+                "host_ms": sum(e.self_cpu_time_total for e in ops) / steps / 1e3,
+                "ops": sum(e.count for e in ops if e.key.startswith("aten::")) / steps,
+                "kernel_ms": sum(e.device_time_total for e in kernels) / steps / 1e3,
+                "launches": len(kernels) / steps,
+            }
+            print(f"[profile] {stage} {precision}: {s['wall_ms']:.1f} ms a step; torch ops on the host {s['host_ms']:.1f} ms "
+                  f"({s['ops']:.0f} aten ops); device kernels {s['kernel_ms']:.1f} ms in {s['launches']:.0f} launches "
+                  f"({s['kernel_ms'] / s['wall_ms']:.0%} of the step)", flush=True)  # fmt: skip
+            print(ops.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+            if cuda:
+                print(ops.table(sort_by="self_device_time_total", row_limit=12), flush=True)
+    return summary
 
 
 # ----------------------------------------------------------------------------------------- data path
@@ -339,8 +394,12 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"])
     ap.add_argument("--accelerator", default="auto", help="auto | cpu | gpu")
     ap.add_argument("--threads", type=int, default=0, help=">0: torch.set_num_threads")
-    ap.add_argument("--compile", action="store_true", help="ours as trainer.compile=true runs it (the full step and raw stay eager); "
-                    "give --warmup 6 or more: compiling, and one recompile for a new batch width, happen in warm-up")
+    ap.add_argument("--compile", nargs="?", const="default", help="ours as trainer.compile=true runs it, in this "
+                    "trainer.compile_mode (default: default; the full step and raw stay eager); give --warmup 6 or more: "
+                    "compiling, and one recompile for a new batch width, happen in warm-up")
+    ap.add_argument("--pad-to-multiple-of", type=int, default=1, help="batch widths as trainer.pad_to_multiple_of pads them")
+    ap.add_argument("--profile", action="store_true", help="instead of the table: torch.profiler on ours-lean, each "
+                    "stage, --steps steps after --warmup (where a step's time goes: host ops, device kernels, launches)")
     ap.add_argument("--rank-users", type=int, default=0, help="test users ranked (0: 8 on CPU, 512 on CUDA)")
     ap.add_argument("--rank-batch", type=int, default=16, help="prompts per beam search (eval.batch_size)")
     ap.add_argument("--beams", type=int, default=20)
@@ -352,6 +411,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     ds, model, tok, new, fmt, ft_cfg, ground_rows, ft_rows = build(args)
+    if args.profile:
+        profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows)
+        return
     ranking = None if args.no_rank else ranking_speed(args, ds, model, tok, fmt)  # before the overlay goes in
     speed = training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows)
     loading = loader_speed(args, tok.pad_token_id, ground_rows, ft_rows)

@@ -156,6 +156,21 @@ def test_stored_rows_collate_to_the_padded_rows(toy, left):
         ones = [{"input_ids": [1] * len(r["input_ids"])} for r in want]
         assert batch["attention_mask"].tolist() == padded_by_hand(ones, "input_ids", 0, left)
         assert batch["input_ids"].dtype == batch["labels"].dtype == batch["attention_mask"].dtype == torch.long
+    # trainer.pad_to_multiple_of: the same rows in a batch as wide as the next multiple, the extra slots padding
+    longest = max(len(r["input_ids"]) for r in want)
+    wide = collate(StoredRows(rows).__getitems__(picked), 9, left, multiple=16)
+    assert wide["input_ids"].shape == (4, -(-longest // 16) * 16) and wide["input_ids"].shape[1] > longest
+    narrow = collate(want, 9, left)
+    cut = slice(wide["input_ids"].shape[1] - longest, None) if left else slice(0, longest)
+    for k in ("input_ids", "labels", "attention_mask"):
+        assert wide[k][:, cut].tolist() == narrow[k].tolist()
+    assert int(wide["attention_mask"].sum()) == int(narrow["attention_mask"].sum())
+    if not left:  # the stages' training loader pads this way under trainer.pad_to_multiple_of
+        from gti.core.config import TrainerConfig
+        from gti.train.batching import training_loader
+
+        loader, line = training_loader(rows, 9, 0, 3, TrainerConfig(pad_to_multiple_of=16))
+        assert {b["input_ids"].shape[1] % 16 for b in loader} == {0} and "(widths a multiple of 16)" in line
 
 
 def test_chat_frame_matches_the_template_and_falls_back(tokenizer):

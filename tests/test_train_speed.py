@@ -162,6 +162,9 @@ def test_grouping_cuts_padding_and_keeps_every_index_once():
     line = padding_summary(grouped, lengths)
     assert line == f"padded share {before:.0%} -> {after:.0%} (batches grouped by length)"
     assert padding_summary(plain, lengths) == f"padded share {before:.0%} (trainer.group_by_length=false)"
+    # widths rounded up to a multiple of 64 (trainer.pad_to_multiple_of): more padding, counted as such
+    wide = padded_share(lengths, 16, grouped.order(0), multiple=64)
+    assert wide > after and padding_summary(grouped, lengths, 64).endswith(f"-> {wide:.0%} (batches grouped by length)")
     # the batch order is shuffled: the first batches are not simply the shortest rows
     firsts = [max(lengths[i] for i in grouped.order(0)[k : k + 16]) for k in range(0, 160, 16)]
     assert firsts != sorted(firsts)
@@ -281,13 +284,18 @@ def test_compiled_grounding_step_gives_the_eager_loss(tokenizer):
     torch.testing.assert_close(g_compiled, g_eager, atol=1e-4, rtol=1e-4)
 
 
-def test_trainer_compile_wires_the_compiled_forward_into_the_step(tmp_path, tokenizer, monkeypatch):
-    """setup("fit") compiles the decoder's forward and the training step calls it (torch.compile stubbed: fast)."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_trainer_compile_wires_the_compiled_forward_into_the_step(tmp_path, tokenizer, monkeypatch, mode):
+    """setup("fit") compiles the decoder's forward in trainer.compile_mode and the training step calls it; under
+    CUDA graphs each step first marks a new step (torch.compile stubbed: fast)."""
     import gti.train.trainer
+    from gti.train.step import compile_mode
 
-    calls = []
+    calls, modes, marks = [], [], []
 
-    def fake_compile(fn):
+    def fake_compile(fn, mode=None):
+        modes.append(mode)
+
         def compiled(*args, **kw):
             calls.append(fn)
             return fn(*args, **kw)
@@ -295,16 +303,28 @@ def test_trainer_compile_wires_the_compiled_forward_into_the_step(tmp_path, toke
         return compiled
 
     monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(calls)))
     threads = torch.get_num_threads()
     monkeypatch.setattr(gti.train.trainer, "_first_step_reported", False)
     module, batch = tiny_grounding(tokenizer)
-    module.compile_step = True
-    t = TrainerConfig(max_steps=2, accelerator="cpu", log_every_n_steps=1, threads=1, compile=True)
+    t = TrainerConfig(max_steps=2, accelerator="cpu", log_every_n_steps=1, threads=1, compile=True, compile_mode=mode)
+    module.compile_mode = compile_mode(t)
     trainer = gti.train.trainer.make_trainer(t, tmp_path, 2, enable_progress_bar=False)
     trainer.fit(module, torch.utils.data.DataLoader([batch] * 2, batch_size=None))
-    assert len(calls) == 2 and calls[0].__self__ is module.model.get_decoder()
+    assert len(calls) == 2 and calls[0].__self__ is module.model.get_decoder() and modes == [mode]
+    assert marks == ([0, 1] if mode == "reduce-overhead" else [])  # before each step's compiled forward
     assert torch.get_num_threads() == 1  # trainer.threads
+    assert compile_mode(TrainerConfig(compile_mode=mode)) is None  # trainer.compile=false: nothing compiled
     torch.set_num_threads(threads)
+
+
+def test_trainer_settings_are_checked_before_any_compute():
+    from gti.core.config import trainer_problems
+
+    assert trainer_problems(TrainerConfig(compile_mode="reduce-overhead", pad_to_multiple_of=16)) == []
+    problems = trainer_problems(TrainerConfig(compile_mode="fast", pad_to_multiple_of=0))
+    assert len(problems) == 2 and "trainer.compile_mode='fast'" in problems[0] and "reduce-overhead" in problems[0]
+    assert "trainer.pad_to_multiple_of=0" in problems[1]
 
 
 def test_a_step_on_the_other_path_runs_eager(tmp_path, tokenizer, monkeypatch):
@@ -316,7 +336,7 @@ def test_a_step_on_the_other_path_runs_eager(tmp_path, tokenizer, monkeypatch):
 
     calls, losses = [], []
 
-    def fake_compile(fn):
+    def fake_compile(fn, mode=None):
         def compiled(*args, **kw):
             calls.append(fn)
             return fn(*args, **kw)
@@ -329,7 +349,7 @@ def test_a_step_on_the_other_path_runs_eager(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(torch, "compile", fake_compile)
     monkeypatch.setattr(gti.train.trainer, "_first_step_reported", False)
     module, batch = tiny_grounding(tokenizer)
-    module.compile_step = True
+    module.compile_mode = "default"
     hooks = LambdaCallback(on_train_batch_start=lean_first, on_train_batch_end=lambda t, m, out, b, i: losses.append(out["loss"]))
     trainer = gti.train.trainer.make_trainer(TrainerConfig(max_steps=2, accelerator="cpu"), tmp_path, 2, callbacks=[hooks], enable_progress_bar=False)
     trainer.fit(module, torch.utils.data.DataLoader([batch] * 2, batch_size=None))

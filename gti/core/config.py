@@ -50,6 +50,10 @@ class TrainerConfig:
     # rows of similar length batched together (sorted within ~50 batches, batch order shuffled): less padding
     group_by_length: bool = True
     compile: bool = False  # torch.compile the training forward (the decoder's under lean_step); compiling costs minutes up front
+    # torch.compile's mode under compile=true (COMPILE_MODES). reduce-overhead replays the step as CUDA graphs (CUDA
+    # only): no launch cost per kernel, one graph recorded per batch width, so pair it with pad_to_multiple_of
+    compile_mode: str = "default"
+    pad_to_multiple_of: int = 1  # training batches padded to a multiple of this width (>1: fewer distinct shapes)
     num_nodes: int = 1  # machines for DDP, `devices` each (started by torchrun / SLURM on every node)
     threads: int = 0  # >0: torch CPU threads per process, for several runs sharing one machine; 0: torch's default
 
@@ -128,6 +132,7 @@ class GroundConfig:
 
 
 EVAL_PRECISIONS = ("fp32", "bf16")  # EvalConfig.precision
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # TrainerConfig.compile_mode
 EVAL_RANKINGS = ("beam", "exact")  # EvalConfig.ranking
 
 
@@ -317,7 +322,18 @@ __all__ = [
     "to_yaml",
     "flatten",
     "eval_problems",
+    "trainer_problems",
 ]
+
+
+def trainer_problems(t: TrainerConfig) -> list[str]:
+    """What is wrong with the trainer section, checked before any compute (both training stages)."""
+    problems = []
+    if t.compile_mode not in COMPILE_MODES:
+        problems.append(f"trainer.compile_mode={t.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if t.pad_to_multiple_of < 1:
+        problems.append(f"trainer.pad_to_multiple_of={t.pad_to_multiple_of}: must be >= 1 (1: pad to the longest row)")
+    return problems
 
 
 def eval_problems(ev: EvalConfig) -> list[str]:

@@ -90,25 +90,31 @@ def group_by_length(order, lengths, unit: int, g: torch.Generator, chunk_units: 
     return torch.cat([units.flatten(), idx[full:]])
 
 
-def padded_share(lengths, batch_size: int, order) -> float:
-    """Share of the (B, T) token slots that are padding when `order` is cut into batches padded to their longest row."""
+def padded_share(lengths, batch_size: int, order, multiple: int = 1) -> float:
+    """Share of the (B, T) token slots that are padding when `order` is cut into batches padded to their longest row
+    (rounded up to a `multiple`: trainer.pad_to_multiple_of)."""
     lens = torch.as_tensor(lengths, dtype=torch.float64)[torch.as_tensor(order, dtype=torch.long)]  # (n,)
     full = len(lens) // batch_size * batch_size
     slots = 0.0
     for batches in (lens[:full].view(-1, batch_size), lens[full:].view(1, -1)):  # (n // B, B), the last (1, n % B)
         if batches.numel():
-            slots += float(batches.amax(dim=1).sum()) * batches.shape[1]
+            widths = torch.ceil(batches.amax(dim=1) / multiple) * multiple
+            slots += float(widths.sum()) * batches.shape[1]
     return 1 - float(lens.sum()) / slots if slots else 0.0
 
 
-def padding_summary(sampler: EpochShuffleSampler, lengths) -> str:
-    """The stages' start-up line: padding of plain shuffled batches and, when grouped, of the sampler's (epoch 0)."""
+def padding_summary(sampler: EpochShuffleSampler, lengths, multiple: int = 1) -> str:
+    """The stages' start-up line: padding of plain shuffled batches and, when grouped, of the sampler's (epoch 0),
+    with widths rounded up to a `multiple` (trainer.pad_to_multiple_of)."""
     lengths = torch.as_tensor(lengths)
     plain = EpochShuffleSampler(sampler.n, sampler.seed, sampler.batch_size).order_tensor(0)  # the shuffle alone
-    line = f"padded share {padded_share(lengths, sampler.batch_size, plain):.0%}"
+    line = f"padded share {padded_share(lengths, sampler.batch_size, plain, multiple):.0%}"
+    if multiple > 1:
+        line += f" (widths a multiple of {multiple})"
     if sampler.lengths is None:
         return line + " (trainer.group_by_length=false)"
-    return line + f" -> {padded_share(lengths, sampler.batch_size, sampler.order_tensor(0)):.0%} (batches grouped by length)"
+    grouped = padded_share(lengths, sampler.batch_size, sampler.order_tensor(0), multiple)
+    return line + f" -> {grouped:.0%} (batches grouped by length)"
 
 
 class ResumableLoader(torch.utils.data.DataLoader):
@@ -144,11 +150,13 @@ class ResumableLoader(torch.utils.data.DataLoader):
 
 def training_loader(rows, pad_id: int, seed: int, batch_size: int, t) -> tuple:
     """Both stages' training DataLoader over stored rows (gti.train.rows): the resumable shuffle, grouped by length
-    unless trainer.group_by_length=false, by optimizer step (trainer.accumulate_grad_batches).
+    unless trainer.group_by_length=false, by optimizer step (trainer.accumulate_grad_batches), widths padded to a
+    multiple of trainer.pad_to_multiple_of.
     Returns (loader, the start-up line on padding)."""
     from gti.train.rows import StoredRows, collate, row_lengths
 
     lengths = row_lengths(rows)
     sampler = EpochShuffleSampler(len(rows), seed, batch_size, lengths if t.group_by_length else None, t.accumulate_grad_batches)
-    loader = ResumableLoader(StoredRows(rows), sampler, batch_size=batch_size, num_workers=t.num_workers, collate_fn=partial(collate, pad_id=pad_id))
-    return loader, padding_summary(sampler, lengths)
+    pad = partial(collate, pad_id=pad_id, multiple=t.pad_to_multiple_of)
+    loader = ResumableLoader(StoredRows(rows), sampler, batch_size=batch_size, num_workers=t.num_workers, collate_fn=pad)
+    return loader, padding_summary(sampler, lengths, t.pad_to_multiple_of)

@@ -21,10 +21,10 @@ class GroundingModule(L.LightningModule):
     """Only the overlay tables are parameters the optimiser sees; the LM is frozen (docs/method.md)."""
 
     def __init__(self, model, new: NewTokens, lr: float, weight_decay: float, warmup_steps: int, full: bool = False,
-                 lean_step: bool = True, compile_step: bool = False):  # fmt: skip
+                 lean_step: bool = True, compile_mode: str | None = None):  # fmt: skip
         super().__init__()
         self.model, self.lean_step = model, lean_step  # lean_step: see lm_training_step
-        self.compile_step = compile_step  # trainer.compile
+        self.compile_mode = compile_mode  # None, or trainer.compile_mode under trainer.compile (gti.train.step.compile_mode)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         self.lr, self.weight_decay, self.warmup_steps, self.full = lr, weight_decay, warmup_steps, full
         if full:  # optional second phase (paper §4.1): everything trains

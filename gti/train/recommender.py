@@ -16,7 +16,7 @@ from gti.rank.exact import exact_ranking
 from gti.rank.metrics import RankingMetrics, ndcg_at, rank_of
 from gti.rank.trie import SidTrie, beams_to_items
 from gti.tokens.overlay import FrozenBf16
-from gti.train.step import lm_training_step, start_fit
+from gti.train.step import compile_mode, lm_training_step, start_fit
 from gti.train.templates import Encoded, PromptFormatter, render_rec
 from gti.train.trainer import adamw_with_warmup
 
@@ -114,7 +114,7 @@ class RecommenderModule(L.LightningModule):
     def __init__(self, model, tokenizer, trie: SidTrie, cfg: FinetuneConfig):
         super().__init__()
         self.model, self.tokenizer, self.trie, self.cfg = model, tokenizer, trie, cfg
-        self.lean_step, self.compile_step = cfg.trainer.lean_step, cfg.trainer.compile  # see lm_training_step, start_fit
+        self.lean_step, self.compile_mode = cfg.trainer.lean_step, compile_mode(cfg.trainer)  # see lm_training_step, start_fit
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as found
         ks = tuple(cfg.eval.ks)
         self.val_metrics, self.test_metrics = RankingMetrics(ks), RankingMetrics(ks)

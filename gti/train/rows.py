@@ -80,10 +80,12 @@ def row_features():
 
 
 def row_lengths(rows) -> torch.Tensor:
-    """Tokens per stored row (n,), read from the arrow offsets: no row is decoded, no list of n ints is built."""
+    """Tokens per stored row (n,), read from the arrow offsets: no row is decoded, no list of n ints is built.
+    A selected or shuffled dataset (an indices mapping) gives its own rows' lengths, in its order."""
     import pyarrow.compute as pc
 
-    return torch.tensor(pc.list_value_length(rows.data.column("input_ids")).to_numpy())
+    column = rows.with_format("arrow")["input_ids"]  # a zero-copy slice of the table, a take through a mapping
+    return torch.tensor(pc.list_value_length(column).to_numpy())
 
 
 class StoredRows(torch.utils.data.Dataset):
@@ -105,13 +107,14 @@ class StoredRows(torch.utils.data.Dataset):
         return self.rows[indices]  # a pyarrow Table, one row per index
 
 
-def collate(rows, pad_id: int, left: bool = False) -> dict:
-    """Stored rows -> padded (B, T) tensors; left padding for generation. Rows without labels are prompts.
+def collate(rows, pad_id: int, left: bool = False, multiple: int = 1) -> dict:
+    """Stored rows -> padded (B, T) tensors, T the longest row rounded up to a `multiple` (trainer.pad_to_multiple_of);
+    left padding for generation. Rows without labels are prompts.
     `rows`: a pyarrow Table (StoredRows) or row dicts (a list, a `datasets.Dataset`)."""
     import pyarrow as pa
 
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist([dict(r) for r in rows])
-    ids, spots = _padded(table.column("input_ids"), pad_id, left)
+    ids, spots = _padded(table.column("input_ids"), pad_id, left, multiple)
     mask = torch.zeros(ids.shape, dtype=torch.long)
     mask[spots] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
@@ -131,16 +134,17 @@ def prompt_loader(rows, pad_id: int, batch_size: int):
     return torch.utils.data.DataLoader(StoredRows(rows), batch_size=batch_size, collate_fn=partial(collate, pad_id=pad_id, left=True))
 
 
-def _padded(column, fill: int, left: bool) -> tuple[torch.Tensor, tuple]:
-    """A list column -> (B, longest) int64 tensor padded with `fill` on the right (left: on the left), and the
-    (row, column) indices of the real tokens. Vectorised over the flat values: no per-row Python."""
+def _padded(column, fill: int, left: bool, multiple: int = 1) -> tuple[torch.Tensor, tuple]:
+    """A list column -> (B, T) int64 tensor padded with `fill` on the right (left: on the left), T the longest row
+    rounded up to a `multiple`, and the (row, column) indices of the real tokens. Vectorised over the flat values:
+    no per-row Python."""
     import numpy as np
     import pyarrow.compute as pc
 
     column = column.combine_chunks()
     n = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)  # (B,)
     flat = _flat(column)
-    width = int(n.max(initial=0))
+    width = -(-int(n.max(initial=0)) // multiple) * multiple
     row = np.repeat(np.arange(len(n)), n)
     col = np.arange(len(flat)) - np.repeat(np.cumsum(n) - n, n)  # position inside its own row
     if left:

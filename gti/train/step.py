@@ -38,9 +38,18 @@ def takes_lean_step(module) -> bool:
     return module.lean_step and not uses_full_loss(module.model)
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
+def compile_mode(t) -> str | None:
+    """The mode the training forward is compiled in (trainer.compile_mode), None when trainer.compile is off."""
+    return t.compile_mode if t.compile else None
+
+
 def compile_training_forward(module) -> None:
-    """trainer.compile: torch.compile the forward the training step runs, the decoder's under the lean step, the
-    whole model's otherwise; ranking and generation stay eager (their shapes change every step).
+    """trainer.compile: torch.compile the forward the training step runs (in `module.compile_mode`), the decoder's
+    under the lean step, the whole model's otherwise; ranking and generation stay eager (their shapes change
+    every step).
 
     A compiled bound `forward`, not a compiled module: stored on the LightningModule, an `OptimizedModule` would
     become a submodule and every weight would appear twice in its state_dict."""
@@ -48,7 +57,7 @@ def compile_training_forward(module) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lean = takes_lean_step(module)
     target = base.get_decoder() if lean else model
-    module.compiled_forward = torch.compile(target.forward)
+    module.compiled_forward = torch.compile(target.forward, mode=module.compile_mode)
     module.compiled_for_lean = lean  # the path it serves: a benchmark that switches lean_step runs the other eager
 
 
@@ -61,7 +70,7 @@ def start_fit(module) -> None:
     # sharded strategies (FSDP, DeepSpeed) cast in their own gather and want one dtype per flat parameter
     if isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy):
         module.frozen_bf16.hold(module.trainer.precision)  # a no-op for full fine-tuning and non-bf16 runs
-    if module.compile_step:
+    if module.compile_mode:
         compile_training_forward(module)
 
 
@@ -72,6 +81,8 @@ def lm_training_step(module, batch: dict) -> torch.Tensor:
     model, lean = module.model, takes_lean_step(module)
     compiled = getattr(module, "compiled_forward", None)  # see compile_training_forward
     compiled = compiled if getattr(module, "compiled_for_lean", None) == lean else None
+    if compiled is not None and module.compile_mode in CUDA_GRAPH_MODES:
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs may reuse the last step's output memory
     loss = lean_lm_loss(model, batch, compiled) if lean else (compiled or model)(**batch).loss
     note_divergence(module, loss)
     t, n = module.trainer, module.global_step + 1  # n: optimizer steps once this one is done
