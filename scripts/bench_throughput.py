@@ -206,6 +206,20 @@ def profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dic
     (from one batch start to the next, synchronised), ms of torch ops on the host (self time: dispatch and CPU
     kernels; Python between ops is not in it), device kernel ms and kernel launches per step, and the top ops.
     A step is host-bound when its kernel time is well under its wall time."""
+    modules = stage_modules(args, model, tok, new, ft_cfg, ground_rows, ft_rows, args.warmup + args.steps + 1)
+    summary = {}
+    for precision in args.precision:
+        for stage, (module, data) in modules.items():
+            s = summary[(stage, precision)] = profile_steps(args, module, data, precision)
+            print(f"[profile] {stage} {precision}: {s['wall_ms']:.1f} ms a step; torch ops on the host {s['host_ms']:.1f} ms "
+                  f"({s['ops']:.0f} aten ops); device kernels {s['kernel_ms']:.1f} ms in {s['launches']:.0f} launches "
+                  f"({s['kernel_ms'] / s['wall_ms']:.0%} of the step)", flush=True)  # fmt: skip
+            print(s["table"], flush=True)
+    return summary
+
+
+def profile_steps(args, module, data: list[dict], precision: str) -> dict:
+    """One stage's lean step under torch.profiler (see profile_training): figures per step and the top-ops tables."""
     from lightning.pytorch.callbacks import LambdaCallback
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
@@ -214,40 +228,31 @@ def profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dic
     from gti.train.trainer import make_trainer
 
     device, steps, warmup = device_for(args.accelerator), args.steps, args.warmup
-    cuda = device.type == "cuda"
-    modules = stage_modules(args, model, tok, new, ft_cfg, ground_rows, ft_rows, warmup + steps + 1)
-    summary = {}
-    for precision in args.precision:
-        for stage, (module, data) in modules.items():
-            module.lean_step, clock = True, {}
-            prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
-                           schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1))  # fmt: skip
+    cuda, clock = device.type == "cuda", {}
+    prof = profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda,
+                   schedule=schedule(wait=0, warmup=warmup, active=steps, repeat=1))  # fmt: skip
 
-            def started(_trainer, _module, _batch, i):
-                if i in (warmup, warmup + steps):
-                    clock[i] = sync(device)
+    def started(_trainer, _module, _batch, i):
+        if i in (warmup, warmup + steps):
+            clock[i] = sync(device)
 
-            hooks = LambdaCallback(on_train_batch_start=started, on_train_batch_end=lambda *_: prof.step())
-            cfg = TrainerConfig(max_steps=len(data), accelerator=args.accelerator, precision=precision)
-            with tempfile.TemporaryDirectory() as tmp, prof:
-                trainer = make_trainer(cfg, Path(tmp), len(data), callbacks=[hooks], enable_progress_bar=False)
-                trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
-            ops = prof.key_averages()
-            kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-            s = summary[(stage, precision)] = {
-                "wall_ms": (clock[warmup + steps] - clock[warmup]) / steps * 1e3,
-                "host_ms": sum(e.self_cpu_time_total for e in ops) / steps / 1e3,
-                "ops": sum(e.count for e in ops if e.key.startswith("aten::")) / steps,
-                "kernel_ms": sum(e.device_time_total for e in kernels) / steps / 1e3,
-                "launches": len(kernels) / steps,
-            }
-            print(f"[profile] {stage} {precision}: {s['wall_ms']:.1f} ms a step; torch ops on the host {s['host_ms']:.1f} ms "
-                  f"({s['ops']:.0f} aten ops); device kernels {s['kernel_ms']:.1f} ms in {s['launches']:.0f} launches "
-                  f"({s['kernel_ms'] / s['wall_ms']:.0%} of the step)", flush=True)  # fmt: skip
-            print(ops.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
-            if cuda:
-                print(ops.table(sort_by="self_device_time_total", row_limit=12), flush=True)
-    return summary
+    module.lean_step = True
+    hooks = LambdaCallback(on_train_batch_start=started, on_train_batch_end=lambda *_: prof.step())
+    cfg = TrainerConfig(max_steps=len(data), accelerator=args.accelerator, precision=precision)
+    with tempfile.TemporaryDirectory() as tmp, prof:
+        trainer = make_trainer(cfg, Path(tmp), len(data), callbacks=[hooks], enable_progress_bar=False)
+        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    ops = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    tables = [ops.table(sort_by=key, row_limit=12) for key in ("self_cpu_time_total", "count")]
+    return {
+        "wall_ms": (clock[warmup + steps] - clock[warmup]) / steps * 1e3,
+        "host_ms": sum(e.self_cpu_time_total for e in ops) / steps / 1e3,
+        "ops": sum(e.count for e in ops if e.key.startswith("aten::")) / steps,
+        "kernel_ms": sum(e.device_time_total for e in kernels) / steps / 1e3,
+        "launches": len(kernels) / steps,
+        "table": "\n".join(tables + [ops.table(sort_by="self_device_time_total", row_limit=12)] * cuda),
+    }
 
 
 # ----------------------------------------------------------------------------------------- data path
