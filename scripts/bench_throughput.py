@@ -12,7 +12,8 @@ Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's
   4. ranking users/s on ML-100K test users (prompts as gti.train.rows.eval_rows builds them, template 0): our decoder
      (`gti.rank.beam_search.constrained_beam_search`) vs HF generate + trie (`hf_constrained_beam_search`), alternating per
      batch, and the share of users for whom both return the same item list. New rows start random, not mean:
-     identical rows would tie every SID score and make the comparison meaningless.
+     identical rows would tie every SID score and make the comparison meaningless. Both in fp32 (eval.precision's
+     default); --rank-precision bf16 tf32 ranks again with ours in those, against its fp32 lists.
   5. time from the command to the first training step of `python -m gti.finetune` (1 step, 2 test users), as
      the stage prints it, run twice: the first on a copy of the dataset folder without its cache, the second finds
      the tokenised-row cache the first one wrote.
@@ -20,6 +21,7 @@ Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's
      and collate one batch as the stages' loader does (gti.train.rows.StoredRows: arrow columns to padded
      tensors) and as row dicts (`datasets.Dataset.__getitems__`, one Python dict per row: the loader before).
      With no loader workers (trainer.num_workers=0) this time adds to every step.
+  --profile replaces the table by torch.profiler figures per training step (see profile_training).
     OMP_NUM_THREADS=1 python scripts/bench_throughput.py --steps 1 --warmup 1 --precision 32-true \\
         --rank-users 8 --beams 5 --no-ttfs                     # CPU, a quick look (~3 CPU minutes)
     python scripts/bench_throughput.py --accelerator gpu --steps 20 --warmup 3 --ground-batch 64 \\
@@ -29,6 +31,7 @@ Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import random
 import re
@@ -312,10 +315,40 @@ def ranking_speed(args, ds, model, tok, fmt) -> dict:
             items[name] += rank(name, batch)
             seconds[name] += sync(device) - t
     same = sum(a == b for a, b in zip(items["ours"], items["hf"])) / len(test)
-    out = {"users": len(test), **{n: len(test) / s for n, s in seconds.items()}, "identical": same}
+    out = {"users": len(test), **{n: len(test) / s for n, s in seconds.items()}, "identical": same, "precisions": {}}
     print(f"[bench] ranking {len(test)} users, beam {args.beams}: ours {out['ours']:.1f}, hf {out['hf']:.1f} users/s; "
           f"identical item lists for {same:.0%}", flush=True)  # fmt: skip
+    for precision in [p for p in args.rank_precision if p != "fp32"]:  # ours again, in another arithmetic
+        t, lists = sync(device), []
+        with arithmetic(model, precision):
+            for batch in prompts:
+                lists += rank("ours", batch)
+        speed = len(test) / (sync(device) - t)
+        top10 = sum(a[:10] == b[:10] for a, b in zip(lists, items["ours"])) / len(test)
+        whole = sum(a == b for a, b in zip(lists, items["ours"])) / len(test)
+        out["precisions"][precision] = {"users/s": speed, "top10_equal": top10, "identical": whole}
+        print(f"[bench] ranking in {precision}: ours {speed:.1f} users/s ({speed / out['ours']:.2f}x fp32); the same "
+              f"top 10 as fp32 for {top10:.0%} of users, the same {args.beams} items for {whole:.0%}", flush=True)  # fmt: skip
     return out
+
+
+@contextlib.contextmanager
+def arithmetic(model, precision: str):
+    """--rank-precision: "bf16" as eval.precision=bf16 ranks (autocast); "tf32": fp32 weights and activations, CUDA
+    matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation). Not an eval.precision yet: measured
+    here first, for its speed and for how often it changes a user's top 10."""
+    from gti.train.recommender import ranking_precision
+
+    if precision != "tf32":
+        with ranking_precision(model, precision):
+            yield
+        return
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 # ----------------------------------------------------------------------------------------- time to first step
@@ -378,6 +411,9 @@ def print_table(args, speed: dict, loading: dict, ranking: dict | None, ttfs: li
         print(f"\nranking {ranking['users']} {args.dataset} test users, beam {args.beams}, batch {args.rank_batch}: "
               f"ours {ranking['ours']:.1f} users/s, HF generate + trie {ranking['hf']:.1f} users/s, "
               f"ours/hf {ranking['ours'] / ranking['hf']:.2f}x; identical item lists {ranking['identical']:.0%}")  # fmt: skip
+        for precision, r in ranking["precisions"].items():
+            print(f"  ours in {precision}: {r['users/s']:.1f} users/s ({r['users/s'] / ranking['ours']:.2f}x fp32), "
+                  f"top 10 as in fp32 for {r['top10_equal']:.0%} of users")  # fmt: skip
     if ttfs:
         shown = [f"{s:.1f}s" if s is not None else "n/a (stage does not print it)" for s, _ in ttfs]
         print(f"\ntime to first training step, gti.finetune on {args.ttfs_dataset}: first run {shown[0]}, "
@@ -408,6 +444,8 @@ def main() -> None:
     ap.add_argument("--rank-users", type=int, default=0, help="test users ranked (0: 8 on CPU, 512 on CUDA)")
     ap.add_argument("--rank-batch", type=int, default=16, help="prompts per beam search (eval.batch_size)")
     ap.add_argument("--beams", type=int, default=20)
+    ap.add_argument("--rank-precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "tf32"],
+                    help="ours also ranks in these (fp32 is the comparison with HF): speed and lists against fp32")  # fmt: skip
     ap.add_argument("--no-rank", action="store_true", help="skip the ranking comparison")
     ap.add_argument("--ttfs-dataset", default="ml-1m", help="dataset of the time-to-first-step runs")
     ap.add_argument("--no-ttfs", action="store_true", help="skip time to first step (2 gti.finetune runs; slow)")
