@@ -31,7 +31,6 @@ Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import random
 import re
@@ -288,6 +287,7 @@ def ranking_speed(args, ds, model, tok, fmt) -> dict:
     from gti.rank.beam_search import constrained_beam_search
     from gti.rank.trie import SidTrie, beams_to_items
     from gti.testing import hf_constrained_beam_search
+    from gti.train.recommender import ranking_precision
     from gti.train.rows import collate, eval_rows
 
     device = device_for(args.accelerator)
@@ -320,7 +320,7 @@ def ranking_speed(args, ds, model, tok, fmt) -> dict:
           f"identical item lists for {same:.0%}", flush=True)  # fmt: skip
     for precision in [p for p in args.rank_precision if p != "fp32"]:  # ours again, in another arithmetic
         t, lists = sync(device), []
-        with arithmetic(model, precision):
+        with ranking_precision(model, precision):  # as eval.precision sets it
             for batch in prompts:
                 lists += rank("ours", batch)
         speed = len(test) / (sync(device) - t)
@@ -332,23 +332,6 @@ def ranking_speed(args, ds, model, tok, fmt) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def arithmetic(model, precision: str):
-    """--rank-precision: "bf16" as eval.precision=bf16 ranks (autocast); "tf32": fp32 weights and activations, CUDA
-    matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation). Not an eval.precision yet: measured
-    here first, for its speed and for how often it changes a user's top 10."""
-    from gti.train.recommender import ranking_precision
-
-    if precision != "tf32":
-        with ranking_precision(model, precision):
-            yield
-        return
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 # ----------------------------------------------------------------------------------------- time to first step

@@ -109,6 +109,29 @@ def test_ranking_precision_context(tiny_model):
         torch.set_default_dtype(torch.float32)
 
 
+def test_tf32_ranking_is_fp32_with_tf32_matmuls_and_puts_the_setting_back(tiny_model):
+    """eval.precision=tf32: fp32 weights and activations, torch's "high" float32 matmul precision (TF32 tensor cores
+    on GPUs that have them) inside the ranking only; fp32 ranks at the "highest", whatever the caller had set."""
+    x = torch.ones(1, 4, dtype=torch.long)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # a caller's own setting
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with ranking_precision(tiny_model, "tf32"):
+                assert torch.get_float32_matmul_precision() == "high"
+                assert tiny_model(x).logits.dtype == torch.float32
+            with ranking_precision(tiny_model, "fp32"):
+                assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "high"
+        tiny_model.to(torch.bfloat16)
+        with ranking_precision(tiny_model, "tf32"):  # low-precision weights upcast, as for fp32
+            assert next(tiny_model.parameters()).dtype == torch.float32
+        assert next(tiny_model.parameters()).dtype == torch.bfloat16
+    finally:
+        torch.set_float32_matmul_precision(before)
+        tiny_model.to(torch.float32)
+
+
 @pytest.mark.parametrize(
     "ev, match",
     [
@@ -176,6 +199,33 @@ def test_exact_ranking_and_the_beam_check_in_a_run(tmp_path, sharp_model_dir):
     rec = json.loads(metrics.read_text())["beam_vs_exact"]
     assert rec["users"] == 5 and rec["top10_equal"] == rec["top10_same_set"] == 1.0
     assert rec["recall@10"]["beam"] == rec["recall@10"]["exact"] and rec["ndcg@10"]["beam"] == rec["ndcg@10"]["exact"]
+
+    # and how bf16 / tf32 ranking would change its lists (tf32 emulated: a CPU has none)
+    script = Path(__file__).parent.parent / "scripts" / "compare_eval_precision.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "beam"), "--users", "5"], check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    assert "5 test users, beam 12, top-10; tf32 emulated" in out, out
+    assert "bf16 against fp32: top-10 list differs" in out and "tf32 against fp32: top-10 list differs" in out
+    assert "equals the lists of fp32 for 100.0%" in out  # the prompts are rebuilt as the run built them
+
+
+def test_emulated_tf32_keeps_ten_mantissa_bits_rounding_half_to_even():
+    import importlib.util
+
+    path = Path(__file__).parent.parent / "scripts" / "compare_eval_precision.py"
+    spec = importlib.util.spec_from_file_location("compare_eval_precision", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ulp = 2.0**-10  # TF32's spacing just above 1
+    x = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, 1 + ulp, -(1 + 3 * ulp / 2), 1 + ulp / 2 + 2**-20, 3.14159265])
+    want = [1.0, 1 + 2 * ulp, 1 + ulp, -(1 + 2 * ulp), 1 + ulp, 3.140625]  # ties go to the even neighbour
+    assert script.to_tf32(x).tolist() == want
+    assert script.to_tf32(x.double()).dtype == torch.float64  # other dtypes pass through
+    a, b = torch.randn(64, 96), torch.randn(96, 32)
+    with script.EmulatedTf32():
+        rounded = a @ b
+    torch.testing.assert_close(rounded, script.to_tf32(a) @ script.to_tf32(b), rtol=0, atol=0)
+    assert not torch.equal(rounded, a @ b)
 
 
 def test_beam_check_sees_a_beam_that_misses(tiny_model, tokenizer):

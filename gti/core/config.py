@@ -131,7 +131,7 @@ class GroundConfig:
     diagnostics: bool = True  # spectra, effective rank, cosine maps and RSA of the new rows before and after grounding
 
 
-EVAL_PRECISIONS = ("fp32", "bf16")  # EvalConfig.precision
+EVAL_PRECISIONS = ("fp32", "tf32", "bf16")  # EvalConfig.precision
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # TrainerConfig.compile_mode
 EVAL_RANKINGS = ("beam", "exact")  # EvalConfig.ranking
 
@@ -144,7 +144,8 @@ class EvalConfig:
     max_users: int = 0  # >0: evaluate the first N users only (CPU demos)
     valid: bool = True  # false: skip the validation split (test only; e.g. benchmark cells)
     # ranking arithmetic, whatever trainer.precision is: fp32 (default; bf16 logits reorder close beams,
-    # docs/traps.md) | bf16 (bf16 autocast: faster on GPUs, approximate ranks). Recorded in metrics.json.
+    # docs/traps.md) | tf32 (fp32 with TF32 matmuls on GPUs that have them: several times fp32's speed there,
+    # near-fp32 ranks; elsewhere fp32) | bf16 (bf16 autocast: faster on GPUs, approximate ranks). In metrics.json.
     precision: str = "fp32"
     # beam: trie-constrained beam search (num_beams) | exact: every item of the catalogue ranked by its log-prob
     # of SID + EOS (one decoded token per trie node and user: ~30x the beam's work on ML-100K; gti.rank.exact)

@@ -29,7 +29,9 @@ def ranking_precision(model, precision: str):
     or bf16 weights with bf16 as torch's default dtype (bf16-true). bf16 logits move an SID's score by
     0.3-0.5 nats while neighbouring beams are 0.04-0.19 apart, so ranks then depend on the training
     precision. "fp32" turns autocast off and upcasts low-precision weights for the search (exact; twice
-    their memory meanwhile), casting them back after; "bf16" autocasts to bf16 on every run alike.
+    their memory meanwhile), casting them back after; "tf32" is fp32 with float32 matmuls on TF32 tensor cores
+    (inputs rounded to 10 mantissa bits, fp32 sums: torch's "high" matmul precision) where the device has them,
+    fp32 elsewhere; "bf16" autocasts to bf16 on every run alike.
     """
     if precision not in EVAL_PRECISIONS:
         raise ConfigError(f"eval.precision={precision!r}: choose one of {', '.join(EVAL_PRECISIONS)}")
@@ -37,8 +39,10 @@ def ranking_precision(model, precision: str):
     params = dict(model.named_parameters()) | {f"buffer {n}": b for n, b in model.named_buffers() if b.is_floating_point()}
     dtypes = {n: p.dtype for n, p in params.items()}
     device, default = next(iter(params.values())).device.type, torch.get_default_dtype()
-    upcast = precision == "fp32" and any(d != torch.float32 for d in dtypes.values())
+    upcast = precision in ("fp32", "tf32") and any(d != torch.float32 for d in dtypes.values())
+    matmul = torch.get_float32_matmul_precision()
     torch.set_default_dtype(torch.float32)  # beam scores are summed in tensors of the default dtype
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
     try:
         if upcast:
             _cast(params, dict.fromkeys(params, torch.float32))
@@ -48,6 +52,7 @@ def ranking_precision(model, precision: str):
         if upcast:
             _cast(params, dtypes)
         torch.set_default_dtype(default)
+        torch.set_float32_matmul_precision(matmul)
 
 
 def _cast(params: dict, dtypes: dict) -> None:
@@ -92,8 +97,8 @@ def beam_floor(beams: list, k: int, ev: EvalConfig) -> torch.Tensor:
     """(B,) per prompt, the score of its k-th beam hypothesis less a margin, -inf with fewer than k: a floor for
     `exact_ranking` that keeps its top k exact. That hypothesis is a real item, so the exact k-th scores at least
     as much, and log-probs only fall along a SID. The margin covers the two searches' different float summation
-    orders: ~1e-6 nats in fp32, up to ~0.5 in bf16 (docs/traps.md)."""
-    margin = 1e-3 if ev.precision == "fp32" else 1.0
+    orders: ~1e-6 nats in fp32, more where TF32 rounds matmul inputs, up to ~0.5 in bf16 (docs/traps.md)."""
+    margin = {"fp32": 1e-3, "tf32": 0.1}.get(ev.precision, 1.0)
     return torch.tensor([b[k - 1][1] - margin if len(b) >= k else float("-inf") for b in beams])
 
 
