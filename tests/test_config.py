@@ -6,7 +6,16 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from gti.core.config import FinetuneConfig, GroundConfig, PrepareConfig, SasrecConfig, SidsConfig, flatten, load_config
+from gti.core.config import (
+    DataConfig,
+    FinetuneConfig,
+    GroundConfig,
+    PrepareConfig,
+    SasrecConfig,
+    SidsConfig,
+    flatten,
+    load_config,
+)
 from gti.core.errors import ConfigError
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
@@ -110,9 +119,12 @@ def test_the_nested_sids_data_section_is_not_read_so_it_cannot_be_set():
     with pytest.raises(ConfigError, match=r"'sids.data.name' \(command line\) is not read.*set 'data.name'"):
         load_config(GroundConfig, ["sids.data.name=ml-1m"])
     assert load_config(FinetuneConfig, ["data.name=ml-1m", "sids.data.name=ml-1m"]).data.name == "ml-1m"  # agrees
+    # unset, it shows the data the stage uses (a printed or saved config.yaml), at any depth
+    assert load_config(GroundConfig, ["data.name=ml-1m", "data.max_users=7"]).sids.data == DataConfig(name="ml-1m", max_users=7)
     from gti.experiments.benchmark import BenchmarkConfig
 
     with pytest.raises(ConfigError, match=r"set 'finetune.data.max_users'"):
         load_config(BenchmarkConfig, ["finetune.sids.data.max_users=5"])
+    assert load_config(BenchmarkConfig, ["configs/benchmark-gpu-quick.yaml"]).finetune.sids.data.name == "ml-1m"
     ground_help = subprocess.run([sys.executable, "-m", "gti.ground", "--help"], capture_output=True, text=True).stdout
     assert "sids.levels" in ground_help and "sids.data" not in ground_help

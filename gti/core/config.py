@@ -288,7 +288,20 @@ def load_config(schema: type[T], argv: list[str] | None = None, yaml_path: str |
     problems += [f"missing required value '{k}'" for k in missing]
     if problems:
         raise ConfigError.listing(problems)
+    mirror_not_read(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def mirror_not_read(node: Any) -> None:
+    """Every NOT_READ section set to the section that decides it (sids.data <- data), at any depth: a printed or
+    saved config then shows the data a stage used, not the schema's default (ml-100k on an ML-1M run)."""
+    if not isinstance(node, DictConfig):
+        return
+    sids = node.get("sids") if "sids" in node else None
+    if "data" in node and isinstance(sids, DictConfig) and "data" in sids:
+        sids.data = node.data
+    for key in node:
+        mirror_not_read(node[key])
 
 
 def _suggest(schema: type, key: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from gti.core.config import flatten, to_yaml
+from gti.core.config import flatten, not_read, to_yaml
 from gti.core.errors import ConfigError, GtiError
 from gti.core.io import atomic_write_text
 from gti.core.runs import read_run
@@ -71,7 +71,7 @@ class Step:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         new = dict(flatten(OmegaConf.to_container(OmegaConf.structured(self.config))))
         changed = [f"{k}: {old[k]!r} then, {new[k]!r} now" for k in new
-                   if k in old and old[k] != new[k] and k not in RESULT_NEUTRAL]  # fmt: skip
+                   if k in old and old[k] != new[k] and k not in RESULT_NEUTRAL and not not_read(k)]  # fmt: skip
         if changed:
             raise ConfigError(
                 str(ConfigError.listing(changed, f"{self.output} is finished, but it ran with other settings ({path})"))
@@ -79,7 +79,8 @@ class Step:
             )
 
 
-# settings that change how a stage runs, not what it computes: a finished run may differ in these
+# settings that change how a stage runs, not what it computes: a finished run may differ in these (and in sections
+# the stage never reads, gti.core.config.NOT_READ)
 RESULT_NEUTRAL = {"resume", "trainer.log_every_n_steps", "trainer.num_workers", "trainer.threads", "trainer.checkpoint_every"}
 
 HF_STAGES = ("ground", "finetune")  # stages whose run folder holds an HF model/ (read_run checks it)
