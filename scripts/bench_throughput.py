@@ -378,18 +378,22 @@ def time_to_first_step(args) -> list[tuple[float | None, float]]:
 def print_table(args, speed: dict, loading: dict, ranking: dict | None, ttfs: list | None) -> None:
     gpu = device_for(args.accelerator).type == "cuda"
     where = f"cuda ({torch.cuda.get_device_name()})" if gpu else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"\nmodel={args.model} on {where}; ground {args.ground_batch} x {args.ground_len}, finetune "
-          f"{args.finetune_batch} x {args.finetune_len}; {args.steps} steps per variant, interleaved")  # fmt: skip
-    print(f"{'stage':9} {'precision':11} {'ours tok/s':>11} {'raw tok/s':>10} {'full tok/s':>11} "
-          f"{'ours/raw':>9} {'lean/full':>10}")  # fmt: skip
-    for (stage, precision), s in speed.items():
-        print(f"{stage:9} {precision:11} {s['lean']:11.0f} {s['raw']:10.0f} {s['full']:11.0f} "
-              f"{s['lean'] / s['raw']:8.2f}x {s['lean'] / s['full']:9.2f}x")  # fmt: skip
-    print(f"ours = the stages' lean step (LightningModule + make_trainer{', trainer.compile=true' if args.compile else ''}); raw = plain PyTorch twin (target "
-          "ours/raw >= 0.9x); full = trainer.lean_step=false")  # fmt: skip
-    print("\nhost time per training batch before the step (fetch + collate, no loader workers): "
-          + "; ".join(f"{stage} {ms['stored']:.1f} ms (as row dicts {ms['dicts']:.1f} ms, "
-                      f"{ms['dicts'] / ms['stored']:.1f}x)" for stage, ms in loading.items()))  # fmt: skip
+    print(f"\nmodel={args.model} on {where}")
+    if speed:
+        print(f"ground {args.ground_batch} x {args.ground_len}, finetune {args.finetune_batch} x {args.finetune_len}; "
+              f"{args.steps} steps per variant, interleaved")  # fmt: skip
+        compiled = f", trainer.compile=true, compile_mode={args.compile}" if args.compile else ""
+        print(f"{'stage':9} {'precision':11} {'ours tok/s':>11} {'raw tok/s':>10} {'full tok/s':>11} "
+              f"{'ours/raw':>9} {'lean/full':>10}")  # fmt: skip
+        for (stage, precision), s in speed.items():
+            print(f"{stage:9} {precision:11} {s['lean']:11.0f} {s['raw']:10.0f} {s['full']:11.0f} "
+                  f"{s['lean'] / s['raw']:8.2f}x {s['lean'] / s['full']:9.2f}x")  # fmt: skip
+        print(f"ours = the stages' lean step (LightningModule + make_trainer{compiled}); raw = plain PyTorch twin "
+              "(target ours/raw >= 0.9x); full = trainer.lean_step=false")  # fmt: skip
+    if loading:
+        print("\nhost time per training batch before the step (fetch + collate, no loader workers): "
+              + "; ".join(f"{stage} {ms['stored']:.1f} ms (as row dicts {ms['dicts']:.1f} ms, "
+                          f"{ms['dicts'] / ms['stored']:.1f}x)" for stage, ms in loading.items()))  # fmt: skip
     if ranking:
         print(f"\nranking {ranking['users']} {args.dataset} test users, beam {args.beams}, batch {args.rank_batch}: "
               f"ours {ranking['ours']:.1f} users/s, HF generate + trie {ranking['hf']:.1f} users/s, "
@@ -430,6 +434,7 @@ def main() -> None:
     ap.add_argument("--rank-precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "tf32"],
                     help="ours also ranks in these (fp32 is the comparison with HF): speed and lists against fp32")  # fmt: skip
     ap.add_argument("--no-rank", action="store_true", help="skip the ranking comparison")
+    ap.add_argument("--no-train", action="store_true", help="skip the training steps and the loader timing")
     ap.add_argument("--ttfs-dataset", default="ml-1m", help="dataset of the time-to-first-step runs")
     ap.add_argument("--no-ttfs", action="store_true", help="skip time to first step (2 gti.finetune runs; slow)")
     args = ap.parse_args()
@@ -441,8 +446,8 @@ def main() -> None:
         profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows)
         return
     ranking = None if args.no_rank else ranking_speed(args, ds, model, tok, fmt)  # before the overlay goes in
-    speed = training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows)
-    loading = loader_speed(args, tok.pad_token_id, ground_rows, ft_rows)
+    speed = {} if args.no_train else training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows)
+    loading = {} if args.no_train else loader_speed(args, tok.pad_token_id, ground_rows, ft_rows)
     ttfs = None if args.no_ttfs else time_to_first_step(args)
     print_table(args, speed, loading, ranking, ttfs)
 

@@ -4,61 +4,70 @@
 # so a command cut off at its limit still leaves what it did:
 #   profile  $OUT/profile.log  where an eager training step's time goes (bench_throughput.py --profile): host ms in
 #                              torch ops, device kernel ms and launches per step, the top ops
-#   graphs   $OUT/graphs.log   the training table with trainer.compile_mode=reduce-overhead (CUDA graphs), batch
+#   graphs   $OUT/compile.log  the training table with trainer.compile_mode=reduce-overhead (CUDA graphs), batch
 #                              widths padded to a multiple of 64 (one shape per stage: one graph, one compile)
-#   compile  $OUT/compile.log  the same with trainer.compile_mode=default (inductor kernels, no graphs)
+#   compile  $OUT/compile.log  the same with trainer.compile_mode=default (inductor kernels, no graphs), appended
+#   rank     $OUT/bench.log    ranking users/s, ours vs HF generate in fp32, and ours again in bf16 and tf32 against
+#                              fp32 (speed, top-10 agreement); 1,024 ML-1M test users, beam 20, batch 128
 #   bench    $OUT/bench.log    the eager table: training tokens/s (ours, raw twin, full-logits step), host time per
-#                              batch, ranking users/s vs HF generate, and ranking again in bf16 and tf32 against fp32
+#                              batch, and the ranking of `rank` (measured on an H200 on 2026-11-27, ranking in fp32)
 #   quick    $OUT/quick.log    python -m gti.benchmark configs/benchmark-gpu-quick.yaml until the budget runs out,
 #                              and $OUT/quick-runs.tgz: its run folders without weights. Resumable: finished cells
 #                              keep their weights in runs/ on the machine, so a second call on the same warm
 #                              machine continues where the first stopped.
-#   $OUT/util.csv  GPU utilisation and memory every 0.5 s (nvidia-smi), the whole command
+#   $OUT/gpu_check.log the device, and when each part ended or why it did not run
+#   $OUT/util.csv      GPU utilisation and memory every 0.5 s (nvidia-smi), the whole command
+# Seven files at most, within the device tool's eight with ../shared/gpu/run.sh's gpu-util.csv.
 # All at gpu-quick's batch sizes (grounding 256 x 64, fine-tuning 128 x 192, bf16-mixed, ML-1M).
-# Usage: bash scripts/gpu_check.sh [BUDGET_SECONDS] [PART ...]   (default: 520 profile graphs compile bench quick)
-#   one lease, the throughput figures:  bash scripts/gpu_check.sh 540 profile graphs compile bench
+# Usage: bash scripts/gpu_check.sh [BUDGET_SECONDS] [PART ...]   (default: 520 profile graphs rank compile quick)
+#   one lease, the throughput figures:  bash scripts/gpu_check.sh 540 profile graphs rank compile
 #   one lease, gpu-quick end to end:    bash scripts/gpu_check.sh 540 quick   (then again, same warm machine)
 # OUT defaults to /tmp/gpu-check.
 set -u
 budget=${1:-520}
 shift || true
 parts=("$@")
-((${#parts[@]})) || parts=(profile graphs compile bench quick)
+((${#parts[@]})) || parts=(profile graphs rank compile quick)
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 sizes=(--accelerator gpu --dataset ml-1m --precision bf16-mixed --ground-batch 256 --ground-len 64
        --finetune-batch 128 --finetune-len 192 --history 20 --no-ttfs)
 quiet() { grep --line-buffered -v "it/s\]"; }  # progress-bar redraws
-bench() {  # bench LOG SECONDS ARGS...: one bench_throughput.py run, cut off at SECONDS or the budget
-  local log=$1 limit=$2 left=$((budget - SECONDS))
-  shift 2
+say() { echo "[gpu_check] $*" | tee -a "$out/gpu_check.log"; }
+bench() {  # bench PART LOG SECONDS ARGS...: one bench_throughput.py run appended to LOG, cut off at SECONDS or the budget
+  local part=$1 log=$2 limit=$3 left=$((budget - SECONDS))
+  shift 3
   ((left < limit)) && limit=$left
-  if ((limit < 60)); then echo "[gpu_check] no time left for $log" | tee -a "$out/skipped.log"; return; fi
-  timeout "$limit" python scripts/bench_throughput.py "${sizes[@]}" "$@" 2>&1 | quiet > "$out/$log"
-  echo "[gpu_check] $log done at ${SECONDS}s" | tee -a "$out/$log"
+  if ((limit < 60)); then say "$part: not run, ${left}s left"; return; fi
+  echo "[gpu_check] $part: bench_throughput.py $*" >> "$out/$log"
+  timeout "$limit" python scripts/bench_throughput.py "${sizes[@]}" "$@" 2>&1 | quiet >> "$out/$log"
+  say "$part done at ${SECONDS}s (exit ${PIPESTATUS[0]}) -> $log"
 }
 
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$out/util.csv" 2>&1 &
 sampler=$!
 trap 'kill $sampler 2>/dev/null' EXIT
-nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/device.txt"
+say "$(nvidia-smi --query-gpu=name --format=csv,noheader); budget ${budget}s; parts: ${parts[*]}"
 
 for part in "${parts[@]}"; do
   case $part in
-    profile) bench profile.log 150 --steps 5 --warmup 3 --no-rank --profile ;;
-    graphs)  bench graphs.log 240 --steps 10 --warmup 6 --no-rank --compile reduce-overhead --pad-to-multiple-of 64 ;;
-    compile) bench compile.log 200 --steps 10 --warmup 6 --no-rank --compile default --pad-to-multiple-of 64 ;;
-    bench)   bench bench.log 240 --steps 10 --warmup 3 --rank-users 1024 --rank-batch 128 --beams 20 \
+    profile) bench profile profile.log 150 --steps 5 --warmup 3 --no-rank --profile ;;
+    graphs)  bench graphs compile.log 240 --steps 10 --warmup 6 --no-rank --compile reduce-overhead --pad-to-multiple-of 64 ;;
+    compile) bench compile compile.log 200 --steps 10 --warmup 6 --no-rank --compile default --pad-to-multiple-of 64 ;;
+    rank)    bench rank bench.log 150 --no-train --rank-users 1024 --rank-batch 128 --beams 20 --rank-precision fp32 bf16 tf32 ;;
+    bench)   bench bench bench.log 240 --steps 10 --warmup 3 --rank-users 1024 --rank-batch 128 --beams 20 \
                    --rank-precision fp32 bf16 tf32 ;;
     quick)
       left=$((budget - SECONDS))
       if ((left > 60)); then
-        echo "[gpu_check] gpu-quick gets ${left}s" >> "$out/quick.log"
+        echo "[gpu_check] quick: gpu-quick gets ${left}s" >> "$out/quick.log"
         timeout "$left" python -m gti.benchmark configs/benchmark-gpu-quick.yaml 2>&1 | quiet >> "$out/quick.log"
-        echo "[gpu_check] gpu-quick stopped at ${SECONDS}s" >> "$out/quick.log"
+        say "quick stopped at ${SECONDS}s (exit ${PIPESTATUS[0]}; 124: the budget ended it, run it again to continue)"
         tar czf "$out/quick-runs.tgz" --exclude='*.safetensors' --exclude='*.ckpt' --exclude='tokenizer.json' runs/benchmark-gpu-quick
+      else
+        say "quick: not run, ${left}s left"
       fi ;;
-    *) echo "[gpu_check] unknown part '$part' (profile graphs compile bench quick)" >&2; exit 2 ;;
+    *) echo "[gpu_check] unknown part '$part' (profile graphs rank compile bench quick)" >&2; exit 2 ;;
   esac
 done
 ls -la "$out"
