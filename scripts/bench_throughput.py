@@ -216,6 +216,9 @@ def profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dic
             print(f"[profile] {stage} {precision}: {s['wall_ms']:.1f} ms a step; torch ops on the host {s['host_ms']:.1f} ms "
                   f"({s['ops']:.0f} aten ops); device kernels {s['kernel_ms']:.1f} ms in {s['launches']:.0f} launches "
                   f"({s['kernel_ms'] / s['wall_ms']:.0%} of the step)", flush=True)  # fmt: skip
+            if s["kernel_ms"]:  # what the device could do if the host kept up: its kernel time alone per token
+                print(f"[profile] {stage} {precision}: {s['tokens'] / s['wall_ms'] * 1e3:.0f} tokens/s as run; "
+                      f"{s['tokens'] / s['kernel_ms'] * 1e3:.0f} tokens/s if a step took only its kernel time", flush=True)  # fmt: skip
             print(s["table"], flush=True)
     return summary
 
@@ -248,6 +251,7 @@ def profile_steps(args, module, data: list[dict], precision: str) -> dict:
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     tables = [ops.table(sort_by=key, row_limit=12) for key in ("self_cpu_time_total", "count")]
     return {
+        "tokens": sum(int(b["attention_mask"].sum()) for b in data[warmup : warmup + steps]) / steps,  # real, per step
         "wall_ms": (clock[warmup + steps] - clock[warmup]) / steps * 1e3,
         "host_ms": sum(e.self_cpu_time_total for e in ops) / steps / 1e3,
         "ops": sum(e.count for e in ops if e.key.startswith("aten::")) / steps,
