@@ -50,8 +50,9 @@ class TrainerConfig:
     # rows of similar length batched together (sorted within ~50 batches, batch order shuffled): less padding
     group_by_length: bool = True
     compile: bool = False  # torch.compile the training forward (the decoder's under lean_step); compiling costs minutes up front
-    # torch.compile's mode under compile=true (COMPILE_MODES). reduce-overhead replays the step as CUDA graphs (CUDA
-    # only): no launch cost per kernel, one graph recorded per batch width, so pair it with pad_to_multiple_of
+    # torch.compile's mode under compile=true: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs.
+    # reduce-overhead replays the step as CUDA graphs (CUDA only): no launch cost per kernel, one graph recorded per
+    # batch width, so pair it with pad_to_multiple_of (e.g. 64)
     compile_mode: str = "default"
     pad_to_multiple_of: int = 1  # training batches padded to a multiple of this width (>1: fewer distinct shapes)
     num_nodes: int = 1  # machines for DDP, `devices` each (started by torchrun / SLURM on every node)
