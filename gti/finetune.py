@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gti.core.config import FinetuneConfig, eval_problems, trainer_problems
+from gti.core.checks import eval_problems, trainer_problems
+from gti.core.config import FinetuneConfig
 from gti.core.errors import ConfigError
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from gti.core.config import GroundConfig, trainer_problems
+from gti.core.checks import trainer_problems
+from gti.core.config import GroundConfig
 from gti.core.errors import ConfigError
 
 

@@ -155,7 +155,7 @@ def test_bad_eval_config_fails_before_any_compute(tmp_path, ev, match):
 
 
 def test_exact_ranking_may_cut_beyond_the_beams():
-    from gti.core.config import eval_problems
+    from gti.core.checks import eval_problems
 
     assert eval_problems(EvalConfig(num_beams=5, ks=[5, 10], ranking="exact")) == []  # it ranks every item
 
@@ -268,7 +268,8 @@ def test_benchmark_and_protocol_reject_ks_above_beams(tmp_path, monkeypatch):
 
 
 def test_every_config_ranks_within_its_beams(monkeypatch):
-    from gti.core.config import eval_problems, load_config
+    from gti.core.checks import eval_problems
+    from gti.core.config import load_config
     from gti.experiments.benchmark import BenchmarkConfig
     from gti.experiments.protocol import SCHEMAS, ProtocolConfig, commands
 

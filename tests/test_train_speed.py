@@ -319,7 +319,7 @@ def test_trainer_compile_wires_the_compiled_forward_into_the_step(tmp_path, toke
 
 
 def test_trainer_settings_are_checked_before_any_compute():
-    from gti.core.config import trainer_problems
+    from gti.core.checks import trainer_problems
 
     assert trainer_problems(TrainerConfig(compile_mode="reduce-overhead", pad_to_multiple_of=16)) == []
     problems = trainer_problems(TrainerConfig(compile_mode="fast", pad_to_multiple_of=0))

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gti.core.config import FinetuneConfig, GroundConfig, SasrecConfig, eval_problems
+from gti.core.checks import eval_problems
+from gti.core.config import FinetuneConfig, GroundConfig, SasrecConfig
 from gti.core.errors import ConfigError, GtiError
 from gti.core.log import get_logger
 from gti.experiments.arms import ARMS

@@ -9,7 +9,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from gti.core.config import FinetuneConfig, GroundConfig, PrepareConfig, SidsConfig, eval_problems, load_config
+from gti.core.checks import eval_problems
+from gti.core.config import FinetuneConfig, GroundConfig, PrepareConfig, SidsConfig, load_config
 from gti.core.errors import ConfigError, GtiError
 from gti.core.log import get_logger
 from gti.data.convert import IMPORTERS, output_name
