@@ -9,6 +9,7 @@ import pytest
 from fixtures import write_toy_dataset
 
 import gti.experiments.runner
+from gti.core.checks import eval_problems
 from gti.core.config import (
     DataConfig,
     EvalConfig,
@@ -17,7 +18,6 @@ from gti.core.config import (
     OptimConfig,
     SasrecConfig,
     TrainerConfig,
-    eval_problems,
     load_config,
 )
 from gti.core.errors import GtiError
