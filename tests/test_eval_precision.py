@@ -76,6 +76,12 @@ def test_fp32_ranking_ignores_training_precision(evaluate):
     bf16 = evaluate("32-true", "bf16")
     assert bf16[2] == evaluate("bf16-mixed", "bf16")[2]
     assert bf16[2] != fp32[2] and bf16[1]["eval_precision"] == "bf16"
+    # tf32: fp32 arithmetic but for TF32 matmuls where the device has them (none on this CPU: equal to the bit), so
+    # far closer to fp32 than bf16 gets, under bf16-mixed training too
+    tf32 = evaluate("bf16-mixed", "tf32")
+    assert len(tf32[2]) == len(fp32[2]) and tf32[1]["eval_precision"] == "tf32"
+    err_tf32, err_bf16 = (max(abs(a - b) for a, b in zip(run[2], fp32[2])) for run in (tf32, bf16))
+    assert err_tf32 < err_bf16 / 4, (err_tf32, err_bf16)
 
 
 def test_bf16_true_ranks_with_upcast_weights(evaluate):
