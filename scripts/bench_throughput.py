@@ -205,9 +205,9 @@ def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
 def profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
     """--profile: where the time of ours-lean goes, per stage and precision, as the stages run it (make_trainer,
     trainer.compile as --compile says). torch.profiler records --steps steps after --warmup: wall ms per step
-    (from one batch start to the next, synchronised; the profiler's own cost included), ms of torch ops on the host (self time: dispatch and CPU
-    kernels; Python between ops is not in it), device kernel ms and kernel launches per step, and the top ops.
-    A step is host-bound when its kernel time is well under its wall time."""
+    (from one batch start to the next, synchronised; the profiler's own cost included), ms of torch ops on the
+    host (self time: dispatch and CPU kernels; Python between ops is not in it), device kernel ms and kernel
+    launches per step, and the top ops. A step is host-bound when its kernel time is well under its wall time."""
     modules = stage_modules(args, model, tok, new, ft_cfg, ground_rows, ft_rows, args.warmup + args.steps + 1)
     summary = {}
     for precision in args.precision:
