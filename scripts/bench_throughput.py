@@ -336,8 +336,6 @@ def ranking_speed(args, ds, model, tok, fmt) -> dict:
     return out
 
 
-
-
 # ----------------------------------------------------------------------------------------- time to first step
 def sids_overrides(root: str, name: str) -> list[str]:
     """The stage must use the index on disk: pass the quantiser settings its report records (ml-1m: 3 x 64)."""
