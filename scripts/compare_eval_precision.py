@@ -54,11 +54,9 @@ def has_tf32(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def rank(model, tok, trie, loader, num_beams: int, precision: str) -> tuple[list[list[int]], list[dict]]:
-    """Per user: item ids best first, and {SID: score} of the returned beams."""
+def rank(model, tok, trie, loader, num_beams: int, precision: str, emulate: bool) -> tuple[list[list[int]], list[dict]]:
+    """Per user: item ids best first, and {SID: score} of the returned beams. `emulate`: TF32 through EmulatedTf32."""
     items, scores = [], []
-    device = next(model.parameters()).device
-    emulate = precision == "tf32" and not has_tf32(device)
     for batch in tqdm(loader, desc=f"{precision} (emulated)" if emulate else precision):
         with ranking_precision(model, precision), EmulatedTf32() if emulate else contextlib.nullcontext():
             beams = constrained_beam_search(
@@ -81,11 +79,11 @@ def main() -> None:
     run = load_finetuned(args.run_dir, args.users, args.batch_size)
     model, tok, trie, loader, cfg, test = run.model, run.tokenizer, run.trie, run.loader, run.cfg, run.test
     beams, k = cfg["eval"]["num_beams"], args.k
-    ranked = {p: rank(model, tok, trie, loader, beams, p) for p in ["fp32", *args.precisions]}
+    emulated = "tf32" in args.precisions and not has_tf32(next(model.parameters()).device)
+    ranked = {p: rank(model, tok, trie, loader, beams, p, emulated and p == "tf32") for p in ["fp32", *args.precisions]}
     items32, scores32 = ranked["fp32"]
     gaps = [x - y for a in scores32 for s in [sorted(a.values(), reverse=True)] for x, y in zip(s, s[1:])]
     hits = {p: sum(ex.target in its[:k] for ex, its in zip(test, items)) / len(test) for p, (items, _) in ranked.items()}
-    emulated = "tf32" in args.precisions and not has_tf32(next(model.parameters()).device)
     print(f"{args.run_dir}: {len(test)} test users, beam {beams}, top-{k}" + ("; tf32 emulated" if emulated else ""))
     print(f"  gap between neighbouring fp32 beams: median {statistics.median(gaps):.3f} nats")
     print(f"  recall@{k}: " + ", ".join(f"{p} {h:.4f}" for p, h in hits.items()))
