@@ -5,7 +5,8 @@ Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's
      them: LightningModule + the stages' Trainer (`make_trainer`), timed start-to-start of each loop iteration
      (fetch, device copy, step, logging), in real (unpadded) tokens/s;
   2. raw: a minimal PyTorch twin of the same computation on its own model copy and the same batches: head at
-     labelled positions + fp32 cross-entropy, plain AdamW, clip 1.0, autocast for bf16-mixed, no Lightning;
+     labelled positions + fp32 cross-entropy, fused AdamW, clip 1.0, autocast for bf16-mixed (a frozen
+     backbone held in bf16, as ours), no Lightning;
   3. full: today's full-logits step (trainer.lean_step=false).
   Ours-lean and ours-full alternate step by step (lean, full, full, lean, ...) and a raw step runs before each
   of them, so a shared CPU slows all three alike. Targets: ours/raw >= 0.9x; lean/full is the lean step's gain.
@@ -21,6 +22,8 @@ Measured, side by side in this one process (SmolLM2-135M extended with ML-100K's
      and collate one batch as the stages' loader does (gti.train.rows.StoredRows: arrow columns to padded
      tensors) and as row dicts (`datasets.Dataset.__getitems__`, one Python dict per row: the loader before).
      With no loader workers (trainer.num_workers=0) this time adds to every step.
+  7. ms per AdamW step over the fine-tuned model's parameters: torch's default implementation against the fused
+     one the stages (and the raw twin) use.
   --profile replaces the table by torch.profiler figures per training step (see profile_training).
     OMP_NUM_THREADS=1 python scripts/bench_throughput.py --steps 1 --warmup 1 --precision 32-true \\
         --rank-users 8 --beams 5 --no-ttfs                     # CPU, a quick look (~3 CPU minutes)
@@ -66,9 +69,14 @@ def raw_loss(model, batch: dict) -> torch.Tensor:
 
 
 def raw_twin(model, params: list, lr: float, weight_decay: float, precision: str, device: torch.device):
-    """One training step in plain PyTorch, batch from the host as a DataLoader gives it."""
+    """One training step in plain PyTorch, batch from the host as a DataLoader gives it. As ours: fused AdamW, and
+    under bf16-mixed a frozen backbone's matrices held in bf16 (autocast would re-cast them every step)."""
     model.to(device).train()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if precision == "bf16-mixed":
+        for p in model.parameters():
+            if not p.requires_grad and p.ndim >= 2:
+                p.data = p.data.to(torch.bfloat16)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
     def step(batch: dict) -> None:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -185,17 +193,20 @@ def stage_modules(args, model, tok, new, ft_cfg, ground_rows, ft_rows, n: int) -
 def training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dict:
     from gti.tokens.overlay import install_overlay
 
-    raw_ft, raw_ground = copy.deepcopy(model), copy.deepcopy(model)
-    raw_cells = {
-        "ground": (raw_ground, install_overlay(raw_ground, new.start, len(new)), 1e-3, 0.0),
-        "finetune": (raw_ft, list(raw_ft.parameters()), ft_cfg.optim.lr, ft_cfg.optim.weight_decay),
-    }
+    pristine = copy.deepcopy(model)  # each (stage, precision) gets a fresh twin: a bf16 one holds its frozen matrices in bf16
+
+    def raw_cell(stage: str) -> tuple:
+        twin = copy.deepcopy(pristine)
+        if stage == "ground":
+            return twin, install_overlay(twin, new.start, len(new)), 1e-3, 0.0
+        return twin, list(twin.parameters()), ft_cfg.optim.lr, ft_cfg.optim.weight_decay
+
     modules = stage_modules(args, model, tok, new, ft_cfg, ground_rows, ft_rows, timed_batches(args))
     speed = {}
     for precision in args.precision:
         for stage in ("ground", "finetune"):
             module, data = modules[stage]
-            twin = raw_twin(*raw_cells[stage], precision, device_for(args.accelerator))
+            twin = raw_twin(*raw_cell(stage), precision, device_for(args.accelerator))
             speed[(stage, precision)] = tps = step_speed(module, twin, data, precision, args.accelerator, args.warmup)
             print(f"[bench] {stage} {precision}: ours {tps['lean']:.0f}, raw {tps['raw']:.0f}, "
                   f"full {tps['full']:.0f} tokens/s", flush=True)  # fmt: skip
@@ -262,6 +273,26 @@ def profile_steps(args, module, data: list[dict], precision: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- data path
+def optimizer_speed(args, model, repeats: int = 5) -> dict[str, float]:
+    """ms per AdamW step over every parameter of the model (the fine-tuning stage's optimiser), torch's default
+    implementation (a for-loop over the tensors on the CPU, foreach on CUDA) against the fused one the stages use
+    (gti.train.trainer.fuses_adamw), alternating step by step on one copy of the weights."""
+    device = device_for(args.accelerator)
+    params = [p.detach().to(device).requires_grad_() for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    opts = {"default": torch.optim.AdamW(params, lr=1e-5), "fused": torch.optim.AdamW(params, lr=1e-5, fused=True)}
+    ms = dict.fromkeys(opts, 0.0)
+    for i in range(repeats + 1):  # the first round builds the moments
+        for name, opt in opts.items():
+            t = sync(device)
+            opt.step()
+            ms[name] += (sync(device) - t) * 1e3 / repeats if i else 0.0
+    print(f"[bench] AdamW over {len(params)} tensors: torch default {ms['default']:.1f} ms, fused {ms['fused']:.1f} ms "
+          "a step", flush=True)  # fmt: skip
+    return {**ms, "tensors": len(params)}
+
+
 def loader_speed(args, pad_id: int, ground_rows: list, ft_rows: list, repeats: int = 20) -> dict:
     """ms per training batch to fetch + collate from stored rows: as StoredRows hands them over, and as row dicts."""
     import datasets
@@ -377,7 +408,7 @@ def time_to_first_step(args) -> list[tuple[float | None, float]]:
 
 
 # ----------------------------------------------------------------------------------------- report
-def print_table(args, speed: dict, loading: dict, ranking: dict | None, ttfs: list | None) -> None:
+def print_table(args, speed: dict, optim: dict, loading: dict, ranking: dict | None, ttfs: list | None) -> None:
     gpu = device_for(args.accelerator).type == "cuda"
     where = f"cuda ({torch.cuda.get_device_name()})" if gpu else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\nmodel={args.model} on {where}")
@@ -392,6 +423,9 @@ def print_table(args, speed: dict, loading: dict, ranking: dict | None, ttfs: li
                   f"{s['lean'] / s['raw']:8.2f}x {s['lean'] / s['full']:9.2f}x")  # fmt: skip
         print(f"ours = the stages' lean step (LightningModule + make_trainer{compiled}); raw = plain PyTorch twin "
               "(target ours/raw >= 0.9x); full = trainer.lean_step=false")  # fmt: skip
+    if optim:
+        print(f"\nAdamW step over the {optim['tensors']} fine-tuned tensors: torch default {optim['default']:.1f} ms, "
+              f"fused (ours and raw) {optim['fused']:.1f} ms ({optim['default'] / optim['fused']:.1f}x)")  # fmt: skip
     if loading:
         print("\nhost time per training batch before the step (fetch + collate, no loader workers): "
               + "; ".join(f"{stage} {ms['stored']:.1f} ms (as row dicts {ms['dicts']:.1f} ms, "
@@ -448,10 +482,11 @@ def main() -> None:
         profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows)
         return
     ranking = None if args.no_rank else ranking_speed(args, ds, model, tok, fmt)  # before the overlay goes in
+    optim = {} if args.no_train else optimizer_speed(args, model)
     speed = {} if args.no_train else training_speed(args, model, tok, new, ft_cfg, ground_rows, ft_rows)
     loading = {} if args.no_train else loader_speed(args, tok.pad_token_id, ground_rows, ft_rows)
     ttfs = None if args.no_ttfs else time_to_first_step(args)
-    print_table(args, speed, loading, ranking, ttfs)
+    print_table(args, speed, optim, loading, ranking, ttfs)
 
 
 if __name__ == "__main__":

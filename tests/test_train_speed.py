@@ -43,6 +43,7 @@ class Dtypes(L.Callback):
 
     def on_train_batch_start(self, trainer, module, *args):
         self.train.append(self.kinds(module))
+        self.fused = trainer.optimizers[0].defaults["fused"]
 
     def on_validation_batch_start(self, trainer, module, *args):
         self.val.append(self.kinds(module))
@@ -77,6 +78,7 @@ def test_bf16_grounding_holds_frozen_lm_in_bf16_and_saves_exact_weights(tmp_path
     assert len(seen.train) == 3
     for kinds in seen.train:  # during fit: frozen matrices bf16, norms fp32, the new-row table fp32 (master weights)
         assert kinds == {"frozen_matrix": BF16, "frozen_vector": FP32, "trainable": FP32}
+    assert seen.fused  # and clipped (gradient_clip_val 1.0) although Lightning's bf16 plugin refuses a fused optimizer
     meta = json.loads((out / "gti.json").read_text())
     assert meta["final_loss"] is not None and torch.isfinite(torch.tensor(meta["final_loss"]))
     start, n = meta["new_tokens"]["start"], meta["new_tokens"]["count"]
@@ -104,6 +106,7 @@ def test_bf16_lora_finetune_trains_in_bf16_and_ranks_with_exact_weights(tmp_path
     assert len(seen.train) == 2 and seen.val  # validation inside fit (after step 2), then validate + test
     for kinds in seen.train:
         assert kinds == {"frozen_matrix": BF16, "frozen_vector": FP32, "trainable": FP32}
+    assert seen.fused
     for kinds in seen.val:  # ranking sees the exact fp32 weights, inside fit too
         assert kinds == {"frozen_matrix": FP32, "frozen_vector": FP32, "trainable": FP32}
     metrics = json.loads((out / "metrics.json").read_text())
@@ -115,6 +118,40 @@ def test_bf16_lora_finetune_trains_in_bf16_and_ranks_with_exact_weights(tmp_path
     for k in ("model.norm.weight", "model.layers.0.input_layernorm.weight"):
         assert torch.equal(saved[k], base[k]), k
     assert not torch.equal(saved["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_adamw_is_fused_unless_a_scaler_or_a_sharded_strategy_is_in_the_way():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+
+    from gti.train.trainer import fuses_adamw
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    plain = SimpleNamespace(precision_plugin=SimpleNamespace(), strategy=SingleDeviceStrategy(torch.device("cpu")))
+    assert fuses_adamw(plain, params)
+    assert fuses_adamw(L.Trainer(accelerator="cpu", precision="bf16-mixed", logger=False), params)
+    assert not fuses_adamw(None, params)  # configure_optimizers called outside a fit
+    assert not fuses_adamw(plain, [])
+    scaled = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()), strategy=plain.strategy)  # fp16
+    assert not fuses_adamw(scaled, params)
+    for strategy in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):  # DeepSpeed: not installed here
+        assert not fuses_adamw(SimpleNamespace(precision_plugin=SimpleNamespace(), strategy=strategy), params)
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_a_fused_adamw_is_clipped_as_lightning_clips(algorithm):
+    from types import SimpleNamespace
+
+    from gti.train.trainer import clip_gradients
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.AdamW([p], fused=True)
+    module = SimpleNamespace(trainer=SimpleNamespace(strategy=SimpleNamespace(model=None)))
+    p.grad = torch.tensor([3.0, -4.0, 0.0, 0.0])  # norm 5
+    clip_gradients(module, opt, 0.5, algorithm)
+    want = torch.tensor([0.3, -0.4, 0.0, 0.0]) if algorithm == "norm" else torch.tensor([0.5, -0.5, 0.0, 0.0])
+    torch.testing.assert_close(p.grad, want)
 
 
 def test_held_backbone_gives_the_autocast_loss(tokenizer):

@@ -46,10 +46,10 @@ class GroundingModule(L.LightningModule):
         return lm_training_step(self, batch)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP-aware (gti.train.trainer)
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP, fused AdamW (gti.train.trainer)
 
     def configure_optimizers(self):
-        return adamw_with_warmup(self.parameters(), self.lr, self.weight_decay, self.warmup_steps)
+        return adamw_with_warmup(self.parameters(), self.lr, self.weight_decay, self.warmup_steps, self._trainer)
 
     def on_save_checkpoint(self, checkpoint):
         # frozen weights are the base model's: keep checkpoints |V_new| x d, not the whole LM

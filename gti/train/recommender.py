@@ -18,7 +18,7 @@ from gti.rank.trie import SidTrie, beams_to_items
 from gti.tokens.overlay import FrozenBf16
 from gti.train.step import compile_mode, lm_training_step, start_fit
 from gti.train.templates import Encoded, PromptFormatter, render_rec
-from gti.train.trainer import adamw_with_warmup
+from gti.train.trainer import adamw_with_warmup, clip_gradients
 
 
 @contextlib.contextmanager
@@ -169,9 +169,12 @@ class RecommenderModule(L.LightningModule):
         for i, u, t, its, r in zip(batch["index"].tolist(), batch["user"].tolist(), batch["target"].tolist(), items, ranks.tolist()):
             self.predictions.append({"index": i, "user": u, "target": t, "rank": r, "items": its[:k]})
 
-    def configure_optimizers(self):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)  # FSDP, fused AdamW (gti.train.trainer)
+
+    def configure_optimizers(self):  # self._trainer: None when called unattached (self.trainer raises)
         o = self.cfg.optim
-        return adamw_with_warmup(self.model.parameters(), o.lr, o.weight_decay, o.warmup_steps)
+        return adamw_with_warmup(self.model.parameters(), o.lr, o.weight_decay, o.warmup_steps, self._trainer)
 
 
 # ----------------------------------------------------------------------------------------- data
