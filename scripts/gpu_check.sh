@@ -14,19 +14,25 @@
 #   quick    $OUT/quick.log    python -m gti.benchmark configs/benchmark-gpu-quick.yaml until the budget runs out,
 #                              and $OUT/quick-runs.tgz: its run folders without weights. Resumable: finished cells
 #                              keep their weights in runs/ on the machine, so a second call on the same warm
-#                              machine continues where the first stopped.
+#                              machine continues where the first stopped. Arguments with "=" are its overrides,
+#                              e.g. ground.trainer.compile=true (speed settings leave finished cells finished)
 #   $OUT/gpu_check.log the device, and when each part ended or why it did not run
 #   $OUT/util.csv      GPU utilisation and memory every 0.5 s (nvidia-smi), the whole command
 # Seven files at most, within the device tool's eight with ../shared/gpu/run.sh's gpu-util.csv.
 # All at gpu-quick's batch sizes (grounding 256 x 64, fine-tuning 128 x 192, bf16-mixed, ML-1M).
-# Usage: bash scripts/gpu_check.sh [BUDGET_SECONDS] [PART ...]   (default: 520 profile graphs rank compile quick)
+# Usage: bash scripts/gpu_check.sh [BUDGET_SECONDS] [PART ...] [KEY=VALUE ...]   (default: 520 profile graphs rank compile quick)
 #   one lease, the throughput figures:  bash scripts/gpu_check.sh 540 profile graphs rank compile
 #   one lease, gpu-quick end to end:    bash scripts/gpu_check.sh 540 quick   (then again, same warm machine)
+#   ... with CUDA graphs in both stages: bash scripts/gpu_check.sh 540 quick {ground,finetune}.trainer.compile=true \
+#          {ground,finetune}.trainer.compile_mode=reduce-overhead {ground,finetune}.trainer.pad_to_multiple_of=64
 # OUT defaults to /tmp/gpu-check.
 set -u
 budget=${1:-520}
 shift || true
-parts=("$@")
+parts=() overrides=()
+for arg in "$@"; do
+  if [[ $arg == *=* ]]; then overrides+=("$arg"); else parts+=("$arg"); fi
+done
 ((${#parts[@]})) || parts=(profile graphs rank compile quick)
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
@@ -47,7 +53,7 @@ bench() {  # bench PART LOG SECONDS ARGS...: one bench_throughput.py run appende
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$out/util.csv" 2>&1 &
 sampler=$!
 trap 'kill $sampler 2>/dev/null' EXIT
-say "$(nvidia-smi --query-gpu=name --format=csv,noheader); budget ${budget}s; parts: ${parts[*]}"
+say "$(nvidia-smi --query-gpu=name --format=csv,noheader); budget ${budget}s; parts: ${parts[*]}${overrides:+; quick overrides: ${overrides[*]}}"
 
 for part in "${parts[@]}"; do
   case $part in
@@ -60,8 +66,8 @@ for part in "${parts[@]}"; do
     quick)
       left=$((budget - SECONDS))
       if ((left > 60)); then
-        echo "[gpu_check] quick: gpu-quick gets ${left}s" >> "$out/quick.log"
-        timeout "$left" python -m gti.benchmark configs/benchmark-gpu-quick.yaml 2>&1 | quiet >> "$out/quick.log"
+        echo "[gpu_check] quick: gpu-quick gets ${left}s; overrides: ${overrides[*]:-none}" >> "$out/quick.log"
+        timeout "$left" python -m gti.benchmark configs/benchmark-gpu-quick.yaml "${overrides[@]}" 2>&1 | quiet >> "$out/quick.log"
         say "quick stopped at ${SECONDS}s (exit ${PIPESTATUS[0]}; 124: the budget ended it, run it again to continue)"
         tar czf "$out/quick-runs.tgz" --exclude='*.safetensors' --exclude='*.ckpt' --exclude='tokenizer.json' runs/benchmark-gpu-quick
       else

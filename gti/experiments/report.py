@@ -171,11 +171,19 @@ def plots(res: dict, planned: Planned, ks: list[int], out: Path) -> None:
     from gti.analysis.diagnostics import new_figure, plot_cosine_maps, plot_spectrum
     from gti.core.io import save_figure
 
-    rows = {}
+    rows, weightless = {}, []
     for name, m in res["methods"].items():  # the rows of each method's first finished seed
-        rows[name] = new_rows_from_run(dict(planned[name])[m["seeds"][0]] / "finetune")
-    plot_spectrum(rows, out / "spectra.png")
-    plot_cosine_maps(rows, out / "cosine_maps.png")
+        run = dict(planned[name])[m["seeds"][0]] / "finetune"
+        found = new_rows_from_run(run)
+        if found is None:
+            weightless.append(str(run))
+        else:
+            rows[name] = found
+    if weightless:  # run folders copied without their weights (scripts/gpu_check.sh packs them so)
+        log.info("spectra and cosine maps leave out %d methods: no model weights in %s", len(weightless), ", ".join(weightless))
+    if rows:
+        plot_spectrum(rows, out / "spectra.png")
+        plot_cosine_maps(rows, out / "cosine_maps.png")
     fig = new_figure((2 + 1.5 * len(res["methods"]), 4))
     ax = fig.add_subplot()
     width = 0.8 / len(ks)
@@ -192,12 +200,16 @@ def plots(res: dict, planned: Planned, ks: list[int], out: Path) -> None:
 
 
 def new_rows_from_run(run: Path):
+    """The fine-tuned new rows (n_new, d) in fp32, None when the run folder holds no weights."""
     import torch
     from safetensors import safe_open
 
     done = read_run(run)
     start, tokens = done.new_tokens
-    with safe_open(str(next(done.model_dir.glob("*.safetensors"))), "pt") as f:
+    weights = next(done.model_dir.glob("*.safetensors"), None)
+    if weights is None:
+        return None
+    with safe_open(str(weights), "pt") as f:
         key = next(k for k in f.keys() if k.endswith("embed_tokens.weight"))
         return f.get_slice(key)[start : start + len(tokens)].to(torch.float32)  # (n_new, d)
 

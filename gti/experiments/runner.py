@@ -80,8 +80,13 @@ class Step:
 
 
 # settings that change how a stage runs, not what it computes: a finished run may differ in these (and in sections
-# the stage never reads, gti.core.config.NOT_READ)
-RESULT_NEUTRAL = {"resume", "trainer.log_every_n_steps", "trainer.num_workers", "trainer.threads", "trainer.checkpoint_every"}
+# the stage never reads, gti.core.config.NOT_READ). Some move results in the last bits only, as a thread count
+# does (the order of float sums): compiling, extra masked padding, the ranking batch. A benchmark may finish
+# faster than it started.
+RESULT_NEUTRAL = {
+    "resume", "trainer.log_every_n_steps", "trainer.num_workers", "trainer.threads", "trainer.checkpoint_every",
+    "trainer.compile", "trainer.compile_mode", "trainer.pad_to_multiple_of", "eval.batch_size",
+}  # fmt: skip
 
 HF_STAGES = ("ground", "finetune")  # stages whose run folder holds an HF model/ (read_run checks it)
 
