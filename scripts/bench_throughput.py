@@ -278,7 +278,7 @@ def optimizer_speed(args, model, repeats: int = 5) -> dict[str, float]:
     implementation (a for-loop over the tensors on the CPU, foreach on CUDA) against the fused one the stages use
     (gti.train.trainer.fuses_adamw), alternating step by step on one copy of the weights."""
     device = device_for(args.accelerator)
-    params = [p.detach().to(device).requires_grad_() for p in model.parameters()]
+    params = [p.detach().to(device, copy=True).requires_grad_() for p in model.parameters()]  # the model stays as it is
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
     opts = {"default": torch.optim.AdamW(params, lr=1e-5), "fused": torch.optim.AdamW(params, lr=1e-5, fused=True)}
