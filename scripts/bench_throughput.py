@@ -59,7 +59,7 @@ def sync(device: torch.device) -> float:
 def raw_loss(model, batch: dict) -> torch.Tensor:
     """Next-token loss with the head only where a label is read: (B, T, d) -> (N, d) -> (N, V), fp32 CE."""
     labels = batch["labels"]
-    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # (N,) each, one host sync before the forward
+    rows, cols = batch["predict_at"]  # (N,) each, found on the host by the collate: no device sync
     target = labels[:, 1:][rows, cols]
     hidden = model.get_decoder()(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False

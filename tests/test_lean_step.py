@@ -89,6 +89,19 @@ def test_lora(tokenizer):
     assert_same(model, batch(tokenizer, new.start))
 
 
+def test_the_step_reads_the_positions_the_loader_found(tokenizer):
+    """collate's "predict_at" (found on the host, no device sync) is what the lean loss reads: the same loss as
+    finding them itself, and a loss over only the positions given when it gives fewer."""
+    model, new = tiny(tokenizer, tied=True)
+    b = batch(tokenizer, new.start)
+    at = (b["labels"][:, 1:] != -100).nonzero().T
+    torch.testing.assert_close(lean_lm_loss(model, {**b, "predict_at": at}), lean_lm_loss(model, b), atol=0, rtol=0)
+    first_row = at[:, at[0] == 0]
+    only_first = b["labels"].clone()
+    only_first[1:] = -100
+    torch.testing.assert_close(lean_lm_loss(model, {**b, "predict_at": first_row}), model(**{**b, "labels": only_first}).loss)
+
+
 def test_softcapped_models_take_the_full_path(tokenizer):
     model, _ = tiny(tokenizer, tied=True)
     assert not uses_full_loss(model)

@@ -156,6 +156,8 @@ def test_stored_rows_collate_to_the_padded_rows(toy, left):
         ones = [{"input_ids": [1] * len(r["input_ids"])} for r in want]
         assert batch["attention_mask"].tolist() == padded_by_hand(ones, "input_ids", 0, left)
         assert batch["input_ids"].dtype == batch["labels"].dtype == batch["attention_mask"].dtype == torch.long
+        labelled = [(i, t) for i, row in enumerate(batch["labels"].tolist()) for t in range(len(row) - 1) if row[t + 1] != -100]
+        assert list(zip(*batch["predict_at"].tolist())) == labelled  # the logits the loss reads, found on the host
     # trainer.pad_to_multiple_of: the same rows in a batch as wide as the next multiple, the extra slots padding
     longest = max(len(r["input_ids"]) for r in want)
     wide = collate(StoredRows(rows).__getitems__(picked), 9, left, multiple=16)

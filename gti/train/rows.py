@@ -109,7 +109,7 @@ class StoredRows(torch.utils.data.Dataset):
 
 def collate(rows, pad_id: int, left: bool = False, multiple: int = 1) -> dict:
     """Stored rows -> padded (B, T) tensors, T the longest row rounded up to a `multiple` (trainer.pad_to_multiple_of);
-    left padding for generation. Rows without labels are prompts.
+    left padding for generation. Rows without labels are prompts; rows with labels also get "predict_at".
     `rows`: a pyarrow Table (StoredRows) or row dicts (a list, a `datasets.Dataset`)."""
     import pyarrow as pa
 
@@ -121,6 +121,9 @@ def collate(rows, pad_id: int, left: bool = False, multiple: int = 1) -> dict:
     if "labels" in table.column_names:  # a row's labels are as long as its input_ids: the same positions
         batch["labels"] = torch.full(ids.shape, -100, dtype=torch.long)
         batch["labels"][spots] = torch.from_numpy(_flat(table.column("labels").combine_chunks()))
+        # (2, N) (row, position) of the logits the loss reads, position t predicting token t + 1: found here on the
+        # host, as the lean step (gti.train.step.lean_lm_loss) needs N, which on the device costs a sync each step
+        batch["predict_at"] = (batch["labels"][:, 1:] != -100).nonzero().T.contiguous()
     for k in ("index", "target", "user"):  # evaluation prompts carry who they are
         if k in table.column_names:
             batch[k] = torch.from_numpy(table.column(k).to_numpy().astype("int64"))

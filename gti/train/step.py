@@ -17,10 +17,12 @@ def lean_lm_loss(model, batch: dict, decoder=None) -> torch.Tensor:
     HF model, a peft-wrapped one and the overlay's NewRowsHead (tied or untied). `decoder`: the
     model's decoder forward compiled (trainer.compile), else the decoder itself."""
     labels = batch["labels"]
-    # (N,) labelled positions, position t predicting token t+1. nonzero needs the count on the host: taken once,
-    # before the forward is queued, it waits only for the batch's copy to the device. A boolean index of the
-    # hidden states would take it again after the forward, stalling the host until the decoder's compute is done.
-    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    # (N,) labelled positions, position t predicting token t+1, as the loader found them on the host (collate's
+    # "predict_at"): no device sync. Without them, nonzero here needs the count N on the host and waits for all work
+    # queued on the device (the last step's backward and optimizer); a boolean index of the hidden states would
+    # wait again after the forward.
+    at = batch.get("predict_at")
+    rows, cols = at if at is not None else (labels[:, 1:] != -100).nonzero(as_tuple=True)
     target = labels[:, 1:][rows, cols]  # (N,)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: LoRA layers sit in place
     hidden = (decoder or base.get_decoder())(
@@ -83,7 +85,10 @@ def lm_training_step(module, batch: dict) -> torch.Tensor:
     compiled = compiled if getattr(module, "compiled_for_lean", None) == lean else None
     if compiled is not None and module.compile_mode in CUDA_GRAPH_MODES:
         torch.compiler.cudagraph_mark_step_begin()  # a new step: the graphs may reuse the last step's output memory
-    loss = lean_lm_loss(model, batch, compiled) if lean else (compiled or model)(**batch).loss
+    if lean:
+        loss = lean_lm_loss(model, batch, compiled)
+    else:  # HF's own loss over the full logits
+        loss = (compiled or model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     note_divergence(module, loss)
     t, n = module.trainer, module.global_step + 1  # n: optimizer steps once this one is done
     if n % t.log_every_n_steps == 0 or n == t.max_steps or t.is_last_batch:  # and before every checkpoint
