@@ -218,7 +218,8 @@ def profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dic
     trainer.compile as --compile says). torch.profiler records --steps steps after --warmup: wall ms per step
     (from one batch start to the next, synchronised; the profiler's own cost included), ms of torch ops on the
     host (self time: dispatch and CPU kernels; Python between ops is not in it), device kernel ms and kernel
-    launches per step, and the top ops. A step is host-bound when its kernel time is well under its wall time."""
+    launches per step, how often a step made the host wait for the device (CUDA), and the top ops. A step is
+    host-bound when its kernel time is well under its wall time."""
     modules = stage_modules(args, model, tok, new, ft_cfg, ground_rows, ft_rows, args.warmup + args.steps + 1)
     summary = {}
     for precision in args.precision:
@@ -229,9 +230,13 @@ def profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dic
                   f"({s['kernel_ms'] / s['wall_ms']:.0%} of the step)", flush=True)  # fmt: skip
             if s["kernel_ms"]:  # what the device could do if the host kept up: its kernel time alone per token
                 print(f"[profile] {stage} {precision}: {s['tokens'] / s['wall_ms'] * 1e3:.0f} tokens/s as run; "
-                      f"{s['tokens'] / s['kernel_ms'] * 1e3:.0f} tokens/s if a step took only its kernel time", flush=True)  # fmt: skip
+                      f"{s['tokens'] / s['kernel_ms'] * 1e3:.0f} tokens/s if a step took only its kernel time; "
+                      f"the host waited for the device {s['syncs']:.1f} times a step", flush=True)  # fmt: skip
             print(s["table"], flush=True)
     return summary
+
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")  # CUDA runtime calls that block the host
 
 
 def profile_steps(args, module, data: list[dict], precision: str) -> dict:
@@ -268,6 +273,8 @@ def profile_steps(args, module, data: list[dict], precision: str) -> dict:
         "ops": sum(e.count for e in ops if e.key.startswith("aten::")) / steps,
         "kernel_ms": sum(e.device_time_total for e in kernels) / steps / 1e3,
         "launches": len(kernels) / steps,
+        # the host waiting for the device (nonzero, .item(), a blocking copy), less the clock's own sync at the first step
+        "syncs": max(sum(e.count for e in ops if e.key in SYNC_CALLS) - 1, 0) / steps if cuda else None,
         "table": "\n".join(tables + [ops.table(sort_by="self_device_time_total", row_limit=12)] * cuda),
     }
 
