@@ -3,7 +3,8 @@
 # data/ml-1m prepared and SIDs built). Parts run in the order given, each writing its log under $OUT as it goes,
 # so a command cut off at its limit still leaves what it did:
 #   profile  $OUT/profile.log  where an eager training step's time goes (bench_throughput.py --profile): host ms in
-#                              torch ops, device kernel ms and launches per step, the top ops
+#                              torch ops, device kernel ms and launches per step, how often the host waited for the
+#                              device (expected: none but logging steps), the top ops
 #   graphs   $OUT/compile.log  the training table with trainer.compile_mode=reduce-overhead (CUDA graphs), batch
 #                              widths padded to a multiple of 64 (one shape per stage: one graph, one compile)
 #   compile  $OUT/compile.log  the same with trainer.compile_mode=default (inductor kernels, no graphs), appended
