@@ -71,11 +71,10 @@ def raw_loss(model, batch: dict) -> torch.Tensor:
 def raw_twin(model, params: list, lr: float, weight_decay: float, precision: str, device: torch.device):
     """One training step in plain PyTorch, batch from the host as a DataLoader gives it. As ours: fused AdamW, and
     under bf16-mixed a frozen backbone's matrices held in bf16 (autocast would re-cast them every step)."""
+    from gti.tokens.overlay import FrozenBf16
+
     model.to(device).train()
-    if precision == "bf16-mixed":
-        for p in model.parameters():
-            if not p.requires_grad and p.ndim >= 2:
-                p.data = p.data.to(torch.bfloat16)
+    FrozenBf16(model).hold(precision)  # bf16-mixed with a frozen backbone: its matrices to bf16 (else a no-op)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
     def step(batch: dict) -> None:

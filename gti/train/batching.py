@@ -93,13 +93,14 @@ def group_by_length(order, lengths, unit: int, g: torch.Generator, chunk_units: 
 def padded_share(lengths, batch_size: int, order, multiple: int = 1) -> float:
     """Share of the (B, T) token slots that are padding when `order` is cut into batches padded to their longest row
     (rounded up to a `multiple`: trainer.pad_to_multiple_of)."""
+    from gti.train.rows import padded_width
+
     lens = torch.as_tensor(lengths, dtype=torch.float64)[torch.as_tensor(order, dtype=torch.long)]  # (n,)
     full = len(lens) // batch_size * batch_size
     slots = 0.0
     for batches in (lens[:full].view(-1, batch_size), lens[full:].view(1, -1)):  # (n // B, B), the last (1, n % B)
         if batches.numel():
-            widths = torch.ceil(batches.amax(dim=1) / multiple) * multiple
-            slots += float(widths.sum()) * batches.shape[1]
+            slots += float(padded_width(batches.amax(dim=1), multiple).sum()) * batches.shape[1]
     return 1 - float(lens.sum()) / slots if slots else 0.0
 
 

@@ -137,6 +137,12 @@ def prompt_loader(rows, pad_id: int, batch_size: int):
     return torch.utils.data.DataLoader(StoredRows(rows), batch_size=batch_size, collate_fn=partial(collate, pad_id=pad_id, left=True))
 
 
+def padded_width(longest, multiple: int = 1):
+    """The width a batch is padded to: its longest row rounded up to a `multiple` (trainer.pad_to_multiple_of);
+    `longest` an int or a tensor of them (gti.train.batching.padded_share)."""
+    return -(-longest // multiple) * multiple
+
+
 def _padded(column, fill: int, left: bool, multiple: int = 1) -> tuple[torch.Tensor, tuple]:
     """A list column -> (B, T) int64 tensor padded with `fill` on the right (left: on the left), T the longest row
     rounded up to a `multiple`, and the (row, column) indices of the real tokens. Vectorised over the flat values:
@@ -147,7 +153,7 @@ def _padded(column, fill: int, left: bool, multiple: int = 1) -> tuple[torch.Ten
     column = column.combine_chunks()
     n = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)  # (B,)
     flat = _flat(column)
-    width = -(-int(n.max(initial=0)) // multiple) * multiple
+    width = padded_width(int(n.max(initial=0)), multiple)
     row = np.repeat(np.arange(len(n)), n)
     col = np.arange(len(flat)) - np.repeat(np.cumsum(n) - n, n)  # position inside its own row
     if left:

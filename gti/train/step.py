@@ -63,14 +63,18 @@ def compile_training_forward(module) -> None:
     module.compiled_for_lean = lean  # the path it serves: a benchmark that switches lean_step runs the other eager
 
 
+def unsharded(strategy) -> bool:
+    """A single-device or DDP strategy: every process holds whole parameters. Sharded ones (FSDP; DeepSpeed, which
+    Lightning derives from DDP) flatten and cast them in their own gather: no bf16-held weights, no fused AdamW."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    return isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy)
+
+
 def start_fit(module) -> None:
     """Both LightningModules' setup("fit"): a frozen backbone held in bf16 under bf16 precision (gti.tokens.overlay.FrozenBf16),
     the training forward compiled (trainer.compile)."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-
-    strategy = module.trainer.strategy
-    # sharded strategies (FSDP, DeepSpeed) cast in their own gather and want one dtype per flat parameter
-    if isinstance(strategy, SingleDeviceStrategy | DDPStrategy) and not isinstance(strategy, DeepSpeedStrategy):
+    if unsharded(module.trainer.strategy):  # sharded strategies want one dtype per flat parameter
         module.frozen_bf16.hold(module.trainer.precision)  # a no-op for full fine-tuning and non-bf16 runs
     if module.compile_mode:
         compile_training_forward(module)

@@ -11,7 +11,7 @@ import torch
 from gti import STARTED
 from gti.core.config import TrainerConfig
 from gti.core.log import get_logger
-from gti.train.step import stop_if_diverged
+from gti.train.step import stop_if_diverged, unsharded
 
 
 def adamw_with_warmup(params, lr: float, weight_decay: float, warmup_steps: int, trainer=None) -> dict:
@@ -33,12 +33,7 @@ def fuses_adamw(trainer, params: list) -> bool:
     default for-loop (scripts/bench_throughput.py prints both). Not under a GradScaler (fp16: a fused step
     unscales inside, after clipping would have needed the unscaled gradients) nor a sharding strategy (FSDP,
     DeepSpeed: their flat or sharded parameters keep torch's default)."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
-
-    if trainer is None or getattr(trainer.precision_plugin, "scaler", None) is not None:
-        return False
-    strategy = trainer.strategy
-    if not isinstance(strategy, SingleDeviceStrategy | DDPStrategy) or isinstance(strategy, DeepSpeedStrategy):
+    if trainer is None or getattr(trainer.precision_plugin, "scaler", None) is not None or not unsharded(trainer.strategy):
         return False
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
