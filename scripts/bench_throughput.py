@@ -111,6 +111,8 @@ class Interleaved:
             self.add(self.variant, now - self.t0, batch_idx - 1)
         if batch_idx == len(self.data) - 1:
             return
+        if batch_idx == self.warmup:  # a mark to read the GPU's busy share against (gpu_check.sh stamps the time)
+            print(f"[bench] warm-up done ({self.warmup} steps), timed steps begin", flush=True)
         self.twin(self.data[batch_idx])
         self.add("raw", sync(self.device) - now, batch_idx)
         module.lean_step = (batch_idx - self.warmup) % 4 in (0, 3)  # ABBA after warm-up: each variant as often first
@@ -335,8 +337,12 @@ def ranking_speed(args, ds, model, tok, fmt) -> dict:
     users = args.rank_users or (512 if device.type == "cuda" else 8)
     test = leave_one_out(ds.inter, args.history)["test"][:users]
     rows = eval_rows(ds, test, fmt, 0)  # as gti.finetune batches them: longest prompts first
-    prompts = [collate(rows.select(range(i, min(i + args.rank_batch, len(rows)))), tok.pad_token_id, left=True)
-               for i in range(0, len(rows), args.rank_batch)]  # fmt: skip
+
+    def prompts_of(size: int) -> list[dict]:
+        return [collate(rows.select(range(i, min(i + size, len(rows)))), tok.pad_token_id, left=True)
+                for i in range(0, len(rows), size)]  # fmt: skip
+
+    prompts = prompts_of(args.rank_batch[0])
     trie = SidTrie([tok.convert_tokens_to_ids(ds.index[i]) for i in sorted(ds.index)], tok.eos_token_id).to(device)
     model.to(device).eval()
     decoders = {"ours": constrained_beam_search, "hf": hf_constrained_beam_search}
@@ -357,19 +363,28 @@ def ranking_speed(args, ds, model, tok, fmt) -> dict:
             seconds[name] += sync(device) - t
     same = sum(a == b for a, b in zip(items["ours"], items["hf"])) / len(test)
     out = {"users": len(test), **{n: len(test) / s for n, s in seconds.items()}, "identical": same, "precisions": {}}
-    print(f"[bench] ranking {len(test)} users, beam {args.beams}: ours {out['ours']:.1f}, hf {out['hf']:.1f} users/s; "
-          f"identical item lists for {same:.0%}", flush=True)  # fmt: skip
-    for precision in [p for p in args.rank_precision if p != "fp32"]:  # ours again, in another arithmetic
+    print(f"[bench] ranking {len(test)} users, beam {args.beams}, batch {args.rank_batch[0]}: ours {out['ours']:.1f}, "
+          f"hf {out['hf']:.1f} users/s; identical item lists for {same:.0%}", flush=True)  # fmt: skip
+
+    def ours_in(precision: str, batches: list[dict], size: int) -> dict:
+        """Ours again in another arithmetic or batch size: users/s, and its lists against fp32's at the first size."""
         t, lists = sync(device), []
         with ranking_precision(model, precision):  # as eval.precision sets it
-            for batch in prompts:
+            for batch in batches:
                 lists += rank("ours", batch)
         speed = len(test) / (sync(device) - t)
         top10 = sum(a[:10] == b[:10] for a, b in zip(lists, items["ours"])) / len(test)
         whole = sum(a == b for a, b in zip(lists, items["ours"])) / len(test)
-        out["precisions"][precision] = {"users/s": speed, "top10_equal": top10, "identical": whole}
-        print(f"[bench] ranking in {precision}: ours {speed:.1f} users/s ({speed / out['ours']:.2f}x fp32); the same "
-              f"top 10 as fp32 for {top10:.0%} of users, the same {args.beams} items for {whole:.0%}", flush=True)  # fmt: skip
+        print(f"[bench] ranking in {precision}, batch {size}: ours {speed:.1f} users/s ({speed / out['ours']:.2f}x fp32 "
+              f"at batch {args.rank_batch[0]}); the same top 10 as there for {top10:.0%} of users, the same "
+              f"{args.beams} items for {whole:.0%}", flush=True)  # fmt: skip
+        return {"users/s": speed, "top10_equal": top10, "identical": whole}
+
+    for precision in [p for p in args.rank_precision if p != "fp32"]:
+        out["precisions"][precision] = ours_in(precision, prompts, args.rank_batch[0])
+    for size in args.rank_batch[1:]:  # larger batches: ours alone (HF's speed hardly depends on the batch)
+        for precision in args.rank_precision:
+            out["precisions"][f"{precision}, batch {size}"] = ours_in(precision, prompts_of(size), size)
     return out
 
 
@@ -437,7 +452,7 @@ def print_table(args, speed: dict, optim: dict, loading: dict, ranking: dict | N
               + "; ".join(f"{stage} {ms['stored']:.1f} ms (as row dicts {ms['dicts']:.1f} ms, "
                           f"{ms['dicts'] / ms['stored']:.1f}x)" for stage, ms in loading.items()))  # fmt: skip
     if ranking:
-        print(f"\nranking {ranking['users']} {args.dataset} test users, beam {args.beams}, batch {args.rank_batch}: "
+        print(f"\nranking {ranking['users']} {args.dataset} test users, beam {args.beams}, batch {args.rank_batch[0]}: "
               f"ours {ranking['ours']:.1f} users/s, HF generate + trie {ranking['hf']:.1f} users/s, "
               f"ours/hf {ranking['ours'] / ranking['hf']:.2f}x; identical item lists {ranking['identical']:.0%}")  # fmt: skip
         for precision, r in ranking["precisions"].items():
@@ -471,7 +486,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="instead of the table: torch.profiler on ours-lean, each "
                     "stage, --steps steps after --warmup (where a step's time goes: host ops, device kernels, launches)")
     ap.add_argument("--rank-users", type=int, default=0, help="test users ranked (0: 8 on CPU, 512 on CUDA)")
-    ap.add_argument("--rank-batch", type=int, default=16, help="prompts per beam search (eval.batch_size)")
+    ap.add_argument("--rank-batch", type=int, nargs="+", default=[16], help="prompts per beam search (eval.batch_size); "
+                    "the first is compared with HF, later ones rank ours alone in each --rank-precision")
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--rank-precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "tf32"],
                     help="ours also ranks in these (fp32 is the comparison with HF): speed and lists against fp32")  # fmt: skip

@@ -9,7 +9,8 @@
 #                              widths padded to a multiple of 64 (one shape per stage: one graph, one compile)
 #   compile  $OUT/compile.log  the same with trainer.compile_mode=default (inductor kernels, no graphs), appended
 #   rank     $OUT/bench.log    ranking users/s, ours vs HF generate in fp32, and ours again in bf16 and tf32 against
-#                              fp32 (speed, top-10 agreement); 1,024 ML-1M test users, beam 20, batch 128
+#                              fp32 (speed, top-10 agreement); 1,024 ML-1M test users, beam 20, batch 128, then ours
+#                              alone at batch 256 in each arithmetic
 #   bench    $OUT/bench.log    the eager table: training tokens/s (ours, raw twin, full-logits step), host time per
 #                              batch, and the ranking of `rank` (measured on an H200 on 2026-11-27, ranking in fp32)
 #   quick    $OUT/quick.log    python -m gti.benchmark configs/benchmark-gpu-quick.yaml until the budget runs out,
@@ -39,8 +40,10 @@ out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 sizes=(--accelerator gpu --dataset ml-1m --precision bf16-mixed --ground-batch 256 --ground-len 64
        --finetune-batch 128 --finetune-len 192 --history 20 --no-ttfs)
-quiet() { grep --line-buffered -v "it/s\]"; }  # progress-bar redraws
-say() { echo "[gpu_check] $*" | tee -a "$out/gpu_check.log"; }
+quiet() {  # progress-bar redraws out; each line stamped with the clock, to read util.csv against
+  grep --line-buffered -v "it/s\]" | while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done
+}
+say() { echo "$(date +%T) [gpu_check] $*" | tee -a "$out/gpu_check.log"; }
 bench() {  # bench PART LOG SECONDS ARGS...: one bench_throughput.py run appended to LOG, cut off at SECONDS or the budget
   local part=$1 log=$2 limit=$3 left=$((budget - SECONDS))
   shift 3
@@ -59,9 +62,9 @@ say "$(nvidia-smi --query-gpu=name --format=csv,noheader); budget ${budget}s; pa
 for part in "${parts[@]}"; do
   case $part in
     profile) bench profile profile.log 150 --steps 5 --warmup 3 --no-rank --profile ;;
-    graphs)  bench graphs compile.log 240 --steps 10 --warmup 6 --no-rank --compile reduce-overhead --pad-to-multiple-of 64 ;;
+    graphs)  bench graphs compile.log 300 --steps 10 --warmup 6 --no-rank --compile reduce-overhead --pad-to-multiple-of 64 ;;
     compile) bench compile compile.log 200 --steps 10 --warmup 6 --no-rank --compile default --pad-to-multiple-of 64 ;;
-    rank)    bench rank bench.log 150 --no-train --rank-users 1024 --rank-batch 128 --beams 20 --rank-precision fp32 bf16 tf32 ;;
+    rank)    bench rank bench.log 150 --no-train --rank-users 1024 --rank-batch 128 256 --beams 20 --rank-precision fp32 bf16 tf32 ;;
     bench)   bench bench bench.log 240 --steps 10 --warmup 3 --rank-users 1024 --rank-batch 128 --beams 20 \
                    --rank-precision fp32 bf16 tf32 ;;
     quick)
