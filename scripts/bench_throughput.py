@@ -41,6 +41,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -233,6 +235,7 @@ def profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dic
                 print(f"[profile] {stage} {precision}: {s['tokens'] / s['wall_ms'] * 1e3:.0f} tokens/s as run; "
                       f"{s['tokens'] / s['kernel_ms'] * 1e3:.0f} tokens/s if a step took only its kernel time; "
                       f"the host waited for the device {s['syncs']:.1f} times a step", flush=True)  # fmt: skip
+                print(f"[profile] {stage} {precision}: ops that waited, per step (torch's sync debug mode): {s['waits']}", flush=True)
             print(s["table"], flush=True)
     return summary
 
@@ -257,13 +260,17 @@ def profile_steps(args, module, data: list[dict], precision: str) -> dict:
     def started(_trainer, _module, _batch, i):
         if i in (warmup, warmup + steps):
             clock[i] = sync(device)
+        if cuda:  # torch warns at each op that makes the host wait, naming the Python line that called it
+            torch.cuda.set_sync_debug_mode("warn" if warmup <= i < warmup + steps else "default")
 
     module.lean_step = True
     hooks = LambdaCallback(on_train_batch_start=started, on_train_batch_end=lambda *_: prof.step())
     cfg = TrainerConfig(max_steps=len(data), accelerator=args.accelerator, precision=precision)
-    with tempfile.TemporaryDirectory() as tmp, prof:
+    with tempfile.TemporaryDirectory() as tmp, prof, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         trainer = make_trainer(cfg, Path(tmp), len(data), callbacks=[hooks], enable_progress_bar=False)
         trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+    waits = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
     ops = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     tables = [ops.table(sort_by=key, row_limit=12) for key in ("self_cpu_time_total", "count")]
@@ -276,6 +283,7 @@ def profile_steps(args, module, data: list[dict], precision: str) -> dict:
         "launches": len(kernels) / steps,
         # the host waiting for the device (nonzero, .item(), a blocking copy), less the clock's own sync at the first step
         "syncs": max(sum(e.count for e in ops if e.key in SYNC_CALLS) - 1, 0) / steps if cuda else None,
+        "waits": ", ".join(f"{where} {n / steps:.1f}" for where, n in waits.most_common(8)) or "none seen",
         "table": "\n".join(tables + [ops.table(sort_by="self_device_time_total", row_limit=12)] * cuda),
     }
 
@@ -368,6 +376,8 @@ def ranking_speed(args, ds, model, tok, fmt) -> dict:
 
     def ours_in(precision: str, batches: list[dict], size: int) -> dict:
         """Ours again in another arithmetic or batch size: users/s, and its lists against fp32's at the first size."""
+        with ranking_precision(model, precision):  # untimed: one prompt, so no arithmetic's first use is timed
+            rank("ours", {k: v[:1] for k, v in batches[0].items()})
         t, lists = sync(device), []
         with ranking_precision(model, precision):  # as eval.precision sets it
             for batch in batches:
