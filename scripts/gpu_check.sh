@@ -13,6 +13,10 @@
 #                              alone at batch 256 in each arithmetic
 #   bench    $OUT/bench.log    the eager table: training tokens/s (ours, raw twin, full-logits step), host time per
 #                              batch, and the ranking of `rank` (measured on an H200 on 2026-11-27, ranking in fp32)
+#   stages   $OUT/stages.log   the real stages as a user runs them, with CUDA graphs (configs/ground-full.yaml's
+#                              settings) at gpu-quick's batches: gti.ground 300 steps, then gti.finetune 300 steps
+#                              from it ranking 1,024 test users; progress lines every 50 steps, to read steps/s and
+#                              util.csv's busy share against
 #   quick    $OUT/quick.log    python -m gti.benchmark configs/benchmark-gpu-quick.yaml until the budget runs out,
 #                              and $OUT/quick-runs.tgz: its run folders without weights. Resumable: finished cells
 #                              keep their weights in runs/ on the machine, so a second call on the same warm
@@ -20,10 +24,12 @@
 #                              e.g. ground.trainer.compile=true (speed settings leave finished cells finished)
 #   $OUT/gpu_check.log the device, and when each part ended or why it did not run
 #   $OUT/util.csv      GPU utilisation and memory every 0.5 s (nvidia-smi), the whole command
-# Seven files at most, within the device tool's eight with ../shared/gpu/run.sh's gpu-util.csv.
+# Seven files for any run of all parts but one, within the device tool's eight with ../shared/gpu/run.sh's gpu-util.csv.
 # All at gpu-quick's batch sizes (grounding 256 x 64, fine-tuning 128 x 192, bf16-mixed, ML-1M).
 # Usage: bash scripts/gpu_check.sh [BUDGET_SECONDS] [PART ...] [KEY=VALUE ...]   (default: 520 profile graphs rank compile quick)
 #   one lease, the throughput figures:  bash scripts/gpu_check.sh 540 profile graphs rank compile
+#     (done on one H100, 2026-11-27, as 545 rank graphs profile: the README's Speed at scale)
+#   the real stages with CUDA graphs:   bash scripts/gpu_check.sh 400 stages
 #   one lease, gpu-quick end to end:    bash scripts/gpu_check.sh 540 quick   (then again, same warm machine)
 #   ... with CUDA graphs in both stages: bash scripts/gpu_check.sh 540 quick {ground,finetune}.trainer.compile=true \
 #          {ground,finetune}.trainer.compile_mode=reduce-overhead {ground,finetune}.trainer.pad_to_multiple_of=64
@@ -53,6 +59,14 @@ bench() {  # bench PART LOG SECONDS ARGS...: one bench_throughput.py run appende
   timeout "$limit" python scripts/bench_throughput.py "${sizes[@]}" "$@" 2>&1 | quiet >> "$out/$log"
   say "$part done at ${SECONDS}s (exit ${PIPESTATUS[0]}) -> $log"
 }
+stage() {  # stage MODULE ARGS...: one stage process appended to stages.log, progress bars as lines, cut off at the budget
+  local left=$((budget - SECONDS))
+  if ((left < 60)); then say "$1: not run, ${left}s left"; return; fi
+  echo "[gpu_check] python -m $*" >> "$out/stages.log"
+  timeout "$left" python -m "$@" 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -E -v '^\s*$|(it|examples)/s\]$' \
+    | while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done >> "$out/stages.log"
+  say "$1 done at ${SECONDS}s (exit ${PIPESTATUS[0]}) -> stages.log"
+}
 
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$out/util.csv" 2>&1 &
 sampler=$!
@@ -67,6 +81,12 @@ for part in "${parts[@]}"; do
     rank)    bench rank bench.log 150 --no-train --rank-users 1024 --rank-batch 128 256 --beams 20 --rank-precision fp32 bf16 tf32 ;;
     bench)   bench bench bench.log 240 --steps 10 --warmup 3 --rank-users 1024 --rank-batch 128 --beams 20 \
                    --rank-precision fp32 bf16 tf32 ;;
+    stages)
+      graphs=(trainer.accelerator=gpu trainer.precision=bf16-mixed trainer.log_every_n_steps=50 trainer.max_steps=300
+              trainer.compile=true trainer.compile_mode=reduce-overhead trainer.pad_to_multiple_of=64 data.name=ml-1m sids.codes=64)
+      stage gti.ground "${graphs[@]}" max_length=64 optim.batch_size=256 optim.lr=3e-3 optim.warmup_steps=25 output_dir=runs/gpu-check-ground
+      stage gti.finetune configs/finetune.yaml "${graphs[@]}" init_from=runs/gpu-check-ground data.max_history=20 max_length=192 \
+            optim.batch_size=128 optim.lr=3e-4 optim.warmup_steps=25 eval.num_beams=20 eval.batch_size=128 eval.max_users=1024 eval.valid=false output_dir=runs/gpu-check-finetune ;;
     quick)
       left=$((budget - SECONDS))
       if ((left > 60)); then
@@ -77,7 +97,7 @@ for part in "${parts[@]}"; do
       else
         say "quick: not run, ${left}s left"
       fi ;;
-    *) echo "[gpu_check] unknown part '$part' (profile graphs rank compile bench quick)" >&2; exit 2 ;;
+    *) echo "[gpu_check] unknown part '$part' (profile graphs rank compile bench stages quick)" >&2; exit 2 ;;
   esac
 done
 ls -la "$out"
