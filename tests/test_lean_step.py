@@ -6,6 +6,7 @@ logging steps."""
 import pytest
 import torch
 from fixtures import write_toy_dataset
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gti.core.config import DataConfig, FinetuneConfig, GroundConfig, LoraConfig, OptimConfig, TrainerConfig
 from gti.tokens.vocab import NewTokens
@@ -102,6 +103,39 @@ def test_the_step_reads_the_positions_the_loader_found(tokenizer):
     torch.testing.assert_close(lean_lm_loss(model, {**b, "predict_at": first_row}), model(**{**b, "labels": only_first}).loss)
 
 
+class HostReads(TorchDispatchMode):
+    """The ops run meanwhile that hand a value back to the host (.item(), a tensor in an `if`, nonzero): on a GPU,
+    each makes the host wait until the device has finished everything queued before it."""
+
+    READS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "_unique2", "unique_consecutive"}
+
+    def __enter__(self):
+        self.ops = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.READS:
+            self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_lean_step_never_waits_for_the_device(tokenizer, attention):
+    """A padded batch's lean step, forward and backward, reads nothing back from the device. transformers' own mask
+    builder asks whether the batch has any padding (`mask.all()` read on the host) twice a forward; `causal_mask`
+    builds the same mask without asking. Loss and gradients stay HF's, under either attention."""
+    model, new = tiny(tokenizer, tied=True)
+    model.config._attn_implementation = attention
+    model.train()
+    b = batch(tokenizer, new.start)
+    b["predict_at"] = (b["labels"][:, 1:] != -100).nonzero().T  # as collate finds them, on the host
+    with HostReads() as reads:
+        lean_lm_loss(model, b).backward()
+    assert reads.ops == []
+    model.zero_grad()
+    assert_same(model, b)
+
+
 def test_softcapped_models_take_the_full_path(tokenizer):
     model, _ = tiny(tokenizer, tied=True)
     assert not uses_full_loss(model)
@@ -135,3 +169,4 @@ def test_nan_found_at_a_logging_step_names_the_first_bad_step(tmp_path, tiny_mod
     with pytest.raises(TrainingError, match=r"loss is nan at step 2; stopped"):
         run(cfg)
     assert len(calls) == 6  # checked at the 6th step (a logging step), not before
+

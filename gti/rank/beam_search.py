@@ -138,8 +138,14 @@ def decode_tree(model, cache, tokens: torch.Tensor, mask: torch.Tensor, position
     """One forward of C query tokens per prompt row over the shared cache: tokens (B, C) all at position (B,),
     mask (B, 1, C, S) bool (True = attend; the same for all heads) -> (B, C, V) float32 logits.
     The cache grows by C slots per row in place. Beam search and exact ranking both decode this way."""
-    if model.config._attn_implementation == "eager":  # eager adds its mask to the attention scores
-        bias = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device)
-        mask = bias.masked_fill(~mask, torch.finfo(model.dtype).min)
-    out = model(input_ids=tokens, attention_mask=mask, position_ids=position[:, None].expand_as(tokens), cache=cache, use_cache=True)
+    out = model(input_ids=tokens, attention_mask=as_attention_mask(model, mask), position_ids=position[:, None].expand_as(tokens),
+                cache=cache, use_cache=True)  # fmt: skip
     return out.logits.float()
+
+
+def as_attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, Q, K) bool mask (True: attend) as the model's attention takes it (see takes_tree_mask): as it is
+    for sdpa; for eager, which adds its mask to the attention scores, 0 where allowed and the dtype's minimum elsewhere."""
+    if model.config._attn_implementation != "eager":
+        return allowed
+    return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(model.dtype).min)
