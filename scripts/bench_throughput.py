@@ -59,12 +59,15 @@ def sync(device: torch.device) -> float:
 
 # ----------------------------------------------------------------------------------------- training steps
 def raw_loss(model, batch: dict) -> torch.Tensor:
-    """Next-token loss with the head only where a label is read: (B, T, d) -> (N, d) -> (N, V), fp32 CE."""
+    """Next-token loss with the head only where a label is read: (B, T, d) -> (N, d) -> (N, V), fp32 CE. Like ours, it
+    hands the decoder its causal mask (transformers' own builder would read the padding back to the host)."""
+    from gti.rank.masks import causal_mask
+
     labels = batch["labels"]
     rows, cols = batch["predict_at"]  # (N,) each, found on the host by the collate: no device sync
     target = labels[:, 1:][rows, cols]
     hidden = model.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        input_ids=batch["input_ids"], attention_mask=causal_mask(model, batch["attention_mask"]), use_cache=False
     ).last_hidden_state
     logits = model.get_output_embeddings()(hidden[rows, cols])
     return torch.nn.functional.cross_entropy(logits.float(), target)
@@ -235,7 +238,8 @@ def profile_training(args, model, tok, new, ft_cfg, ground_rows, ft_rows) -> dic
                 print(f"[profile] {stage} {precision}: {s['tokens'] / s['wall_ms'] * 1e3:.0f} tokens/s as run; "
                       f"{s['tokens'] / s['kernel_ms'] * 1e3:.0f} tokens/s if a step took only its kernel time; "
                       f"the host waited for the device {s['syncs']:.1f} times a step", flush=True)  # fmt: skip
-                print(f"[profile] {stage} {precision}: ops that waited, per step (torch's sync debug mode): {s['waits']}", flush=True)
+                print(f"[profile] {stage} {precision}: ops that waited, per step (torch's sync debug mode): "
+                      f"{s['waits']}", flush=True)  # fmt: skip
             print(s["table"], flush=True)
     return summary
 
@@ -269,8 +273,16 @@ def profile_steps(args, module, data: list[dict], precision: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp, prof, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = make_trainer(cfg, Path(tmp), len(data), callbacks=[hooks], enable_progress_bar=False)
-        trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
-    waits = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+        try:
+            trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    waited = [w for w in caught if "synchroniz" in str(w.message)]  # a wait in backward is named at .backward()
+    for w in caught:  # the other warnings, as they would have been shown
+        if w not in waited:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    waits = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in waited)
     ops = prof.key_averages()
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     tables = [ops.table(sort_by=key, row_limit=12) for key in ("self_cpu_time_total", "count")]
@@ -376,8 +388,8 @@ def ranking_speed(args, ds, model, tok, fmt) -> dict:
 
     def ours_in(precision: str, batches: list[dict], size: int) -> dict:
         """Ours again in another arithmetic or batch size: users/s, and its lists against fp32's at the first size."""
-        with ranking_precision(model, precision):  # untimed: one prompt, so no arithmetic's first use is timed
-            rank("ours", {k: v[:1] for k, v in batches[0].items()})
+        with ranking_precision(model, precision):  # untimed: the first batch, so no first use of a kernel is timed
+            rank("ours", batches[0])
         t, lists = sync(device), []
         with ranking_precision(model, precision):  # as eval.precision sets it
             for batch in batches:

@@ -24,7 +24,8 @@
 #                              e.g. ground.trainer.compile=true (speed settings leave finished cells finished)
 #   $OUT/gpu_check.log the device, and when each part ended or why it did not run
 #   $OUT/util.csv      GPU utilisation and memory every 0.5 s (nvidia-smi), the whole command
-# Seven files for any run of all parts but one, within the device tool's eight with ../shared/gpu/run.sh's gpu-util.csv.
+# Up to eight files of its own and ../shared/gpu/run.sh's gpu-util.csv: the device tool brings back eight, so run
+# quick (quick.log, quick-runs.tgz) without stages, or leave one of the other logs out.
 # All at gpu-quick's batch sizes (grounding 256 x 64, fine-tuning 128 x 192, bf16-mixed, ML-1M).
 # Usage: bash scripts/gpu_check.sh [BUDGET_SECONDS] [PART ...] [KEY=VALUE ...]   (default: 520 profile graphs rank compile quick)
 #   one lease, the throughput figures:  bash scripts/gpu_check.sh 540 profile graphs rank compile
@@ -46,9 +47,10 @@ out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 sizes=(--accelerator gpu --dataset ml-1m --precision bf16-mixed --ground-batch 256 --ground-len 64
        --finetune-batch 128 --finetune-len 192 --history 20 --no-ttfs)
-quiet() {  # progress-bar redraws out; each line stamped with the clock, to read util.csv against
-  grep --line-buffered -v "it/s\]" | while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done
+stamp() {  # each line stamped with the clock, to read util.csv against (a last line without a newline too)
+  while IFS= read -r line || [[ -n $line ]]; do printf '%(%T)T %s\n' -1 "$line"; done
 }
+quiet() { grep --line-buffered -v "it/s\]" | stamp; }  # progress-bar redraws out
 say() { echo "$(date +%T) [gpu_check] $*" | tee -a "$out/gpu_check.log"; }
 bench() {  # bench PART LOG SECONDS ARGS...: one bench_throughput.py run appended to LOG, cut off at SECONDS or the budget
   local part=$1 log=$2 limit=$3 left=$((budget - SECONDS))
@@ -59,13 +61,15 @@ bench() {  # bench PART LOG SECONDS ARGS...: one bench_throughput.py run appende
   timeout "$limit" python scripts/bench_throughput.py "${sizes[@]}" "$@" 2>&1 | quiet >> "$out/$log"
   say "$part done at ${SECONDS}s (exit ${PIPESTATUS[0]}) -> $log"
 }
-stage() {  # stage MODULE ARGS...: one stage process appended to stages.log, progress bars as lines, cut off at the budget
-  local left=$((budget - SECONDS))
-  if ((left < 60)); then say "$1: not run, ${left}s left"; return; fi
+stage() {  # stage MODULE ARGS...: one stage process appended to stages.log, progress bars as lines, cut off at the
+  local left=$((budget - SECONDS)) status  # budget; returns the stage's exit status
+  if ((left < 60)); then say "$1: not run, ${left}s left"; return 1; fi
   echo "[gpu_check] python -m $*" >> "$out/stages.log"
-  timeout "$left" python -m "$@" 2>&1 | stdbuf -oL tr '\r' '\n' | grep --line-buffered -E -v '^\s*$|(it|examples)/s\]$' \
-    | while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done >> "$out/stages.log"
-  say "$1 done at ${SECONDS}s (exit ${PIPESTATUS[0]}) -> stages.log"
+  timeout "$left" python -m "$@" 2>&1 | stdbuf -oL tr '\r' '\n' \
+    | grep --line-buffered -E -v '^\s*$|(it|examples)/s\]\s*$' | stamp >> "$out/stages.log"
+  status=${PIPESTATUS[0]}
+  say "$1 done at ${SECONDS}s (exit $status) -> stages.log"
+  return "$status"
 }
 
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$out/util.csv" 2>&1 &
@@ -84,7 +88,7 @@ for part in "${parts[@]}"; do
     stages)
       graphs=(trainer.accelerator=gpu trainer.precision=bf16-mixed trainer.log_every_n_steps=50 trainer.max_steps=300
               trainer.compile=true trainer.compile_mode=reduce-overhead trainer.pad_to_multiple_of=64 data.name=ml-1m sids.codes=64)
-      stage gti.ground "${graphs[@]}" max_length=64 optim.batch_size=256 optim.lr=3e-3 optim.warmup_steps=25 output_dir=runs/gpu-check-ground
+      stage gti.ground "${graphs[@]}" max_length=64 optim.batch_size=256 optim.lr=3e-3 optim.warmup_steps=25 output_dir=runs/gpu-check-ground &&
       stage gti.finetune configs/finetune.yaml "${graphs[@]}" init_from=runs/gpu-check-ground data.max_history=20 max_length=192 \
             optim.batch_size=128 optim.lr=3e-4 optim.warmup_steps=25 eval.num_beams=20 eval.batch_size=128 eval.max_users=1024 eval.valid=false output_dir=runs/gpu-check-finetune ;;
     quick)

@@ -104,8 +104,8 @@ def test_the_step_reads_the_positions_the_loader_found(tokenizer):
 
 
 class HostReads(TorchDispatchMode):
-    """The ops run meanwhile that hand a value back to the host (.item(), a tensor in an `if`, nonzero): on a GPU,
-    each makes the host wait until the device has finished everything queued before it."""
+    """The ops run meanwhile that hand a value back to the host (.item(), a tensor in an `if`, nonzero, a boolean
+    index): on a GPU, each makes the host wait until the device has finished everything queued before it."""
 
     READS = {"_local_scalar_dense", "nonzero", "masked_select", "equal", "_unique2", "unique_consecutive"}
 
@@ -114,9 +114,19 @@ class HostReads(TorchDispatchMode):
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in self.READS:
-            self.ops.append(func.overloadpacket.__name__)
+        name = func.overloadpacket.__name__
+        if name in self.READS:
+            self.ops.append(name)
+        elif name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.ops.append("boolean index")
         return func(*args, **(kwargs or {}))
+
+
+def test_host_reads_sees_what_makes_a_device_wait():
+    x = torch.arange(6.0)
+    with HostReads() as reads:
+        x.sum().item(), x[x > 2], (x > 2).nonzero(), bool(x.any())
+    assert reads.ops == ["_local_scalar_dense", "boolean index", "nonzero", "_local_scalar_dense"]
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -133,6 +143,44 @@ def test_the_lean_step_never_waits_for_the_device(tokenizer, attention):
         lean_lm_loss(model, b).backward()
     assert reads.ops == []
     model.zero_grad()
+    assert_same(model, b)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_the_built_mask_gives_transformers_loss_bit_for_bit(tokenizer, attention):
+    """`causal_mask` is the mask transformers would build: the lean loss and gradients with it equal, bit for bit,
+    those with the (B, T) mask handed to transformers (fp32)."""
+    import gti.train.step as step
+
+    model, new = tiny(tokenizer, tied=False)
+    model.config._attn_implementation = attention
+    model.train()
+    b = batch(tokenizer, new.start)
+    params = [p for p in model.parameters() if p.requires_grad]
+    built = lean_lm_loss(model, b)
+    g_built = torch.autograd.grad(built, params)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(step, "causal_mask", lambda _model, mask: mask)
+        handed = lean_lm_loss(model, b)
+    g_handed = torch.autograd.grad(handed, params)
+    assert torch.equal(built, handed)
+    assert all(torch.equal(a, e) for a, e in zip(g_built, g_handed))
+
+
+def test_a_model_that_reads_the_2d_mask_keeps_it(tokenizer):
+    """OPT computes its learned positions from the (B, T) mask: it is not in TAKES_4D_MASK, gets the (B, T) mask,
+    and its lean loss and gradients are HF's."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from gti.rank.masks import TAKES_4D_MASK, causal_mask
+
+    cfg = OPTConfig(vocab_size=len(tokenizer) + N_NEW, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                    num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=None,
+                    dropout=0.0, attention_dropout=0.0, layerdrop=0.0)  # fmt: skip
+    model = OPTForCausalLM(cfg).train()
+    b = batch(tokenizer, len(tokenizer))
+    assert cfg.model_type not in TAKES_4D_MASK
+    assert causal_mask(model, b["attention_mask"]) is b["attention_mask"]
     assert_same(model, b)
 
 
@@ -169,4 +217,3 @@ def test_nan_found_at_a_logging_step_names_the_first_bad_step(tmp_path, tiny_mod
     with pytest.raises(TrainingError, match=r"loss is nan at step 2; stopped"):
         run(cfg)
     assert len(calls) == 6  # checked at the 6th step (a logging step), not before
-

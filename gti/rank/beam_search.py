@@ -5,14 +5,8 @@ from __future__ import annotations
 import torch
 
 from gti.rank.beam_reference import check_left_padded, constrained_beam_search_reference, prefill, split_candidates
+from gti.rank.masks import as_attention_mask, takes_tree_mask
 from gti.rank.trie import DEAD_SCORE, SidTrie
-
-
-def takes_tree_mask(config, span: int) -> bool:
-    """Whether the model's attention takes a custom 4D mask (sdpa: bool, eager: additive; flash and flex take
-    none) and a full-attention mask is exact: no sliding window shorter than the `span` positions decoded."""
-    window = getattr(config, "sliding_window", None)
-    return config._attn_implementation in ("sdpa", "eager") and (window is None or span <= window)
 
 
 @torch.no_grad()
@@ -138,14 +132,7 @@ def decode_tree(model, cache, tokens: torch.Tensor, mask: torch.Tensor, position
     """One forward of C query tokens per prompt row over the shared cache: tokens (B, C) all at position (B,),
     mask (B, 1, C, S) bool (True = attend; the same for all heads) -> (B, C, V) float32 logits.
     The cache grows by C slots per row in place. Beam search and exact ranking both decode this way."""
-    out = model(input_ids=tokens, attention_mask=as_attention_mask(model, mask), position_ids=position[:, None].expand_as(tokens),
-                cache=cache, use_cache=True)  # fmt: skip
+    mask, positions = as_attention_mask(model, mask), position[:, None].expand_as(tokens)
+    out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     return out.logits.float()
 
-
-def as_attention_mask(model, allowed: torch.Tensor) -> torch.Tensor:
-    """A (B, 1, Q, K) bool mask (True: attend) as the model's attention takes it (see takes_tree_mask): as it is
-    for sdpa; for eager, which adds its mask to the attention scores, 0 where allowed and the dtype's minimum elsewhere."""
-    if model.config._attn_implementation != "eager":
-        return allowed
-    return torch.zeros(allowed.shape, dtype=model.dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(model.dtype).min)

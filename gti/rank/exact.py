@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from gti.rank.beam_reference import check_left_padded, prefill
-from gti.rank.beam_search import decode_tree, takes_tree_mask
+from gti.rank.beam_search import decode_tree
+from gti.rank.masks import takes_tree_mask
 from gti.rank.trie import DEAD_SCORE, SidTrie
 
 
@@ -41,9 +42,9 @@ def exact_ranking(
     check_left_padded(attention_mask)
     if not takes_tree_mask(model.config, input_ids.shape[1] + trie.max_len + 1):
         raise ValueError(
-            f"exact ranking decodes the trie with tree attention, which attn_implementation="
-            f"{model.config._attn_implementation!r} (or a short sliding window) cannot take; load the model "
-            "with attn_implementation='sdpa' or 'eager'"
+            f"exact ranking decodes the trie with tree attention, which model type {model.config.model_type!r} with "
+            f"attn_implementation={model.config._attn_implementation!r} (or a short sliding window) cannot take; load "
+            "the model with attn_implementation='sdpa' or 'eager' (model types: gti.rank.masks.TAKES_4D_MASK)"
         )
     device = input_ids.device
     if trie.device != device:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from gti.rank.beam_search import as_attention_mask, takes_tree_mask
+from gti.rank.masks import causal_mask
 
 # config keys under which a causal LM's forward does more than `head(hidden)` + cross-entropy: softcapped
 # (Gemma 2/3) or scaled (Cohere, Granite) logits, an MoE router loss. Such models take HF's full path.
@@ -32,19 +32,6 @@ def lean_lm_loss(model, batch: dict, decoder=None) -> torch.Tensor:
     ).last_hidden_state  # (B, T, d)
     logits = base.get_output_embeddings()(hidden[rows, cols])  # (N, V), not (B, T, V)
     return torch.nn.functional.cross_entropy(logits.float(), target)
-
-
-def causal_mask(model, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The (B, 1, T, T) causal mask of a padded (B, T) batch, built here on the device. transformers builds the same
-    mask itself, but first asks whether the batch has any padding (`mask.all()` read on the host): a device sync
-    twice a forward. Each position may also attend to itself, so that no row is empty (a padding position's output is
-    never read). Attention that takes no custom mask (flash, flex, a sliding window shorter than T) gets the (B, T) mask."""
-    width = attention_mask.shape[1]
-    if not takes_tree_mask(model.config, width):
-        return attention_mask
-    eye = torch.eye(width, dtype=torch.bool, device=attention_mask.device)
-    allowed = torch.ones_like(eye).tril() & (attention_mask.bool()[:, None, None, :] | eye)  # earlier real keys and itself
-    return as_attention_mask(model, allowed)
 
 
 def uses_full_loss(model) -> bool:
