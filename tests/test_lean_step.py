@@ -167,6 +167,24 @@ def test_the_built_mask_gives_transformers_loss_bit_for_bit(tokenizer, attention
     assert all(torch.equal(a, e) for a, e in zip(g_built, g_handed))
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_blank_rows_leave_loss_and_gradients_as_they_were(tokenizer, attention):
+    """Under trainer.compile a short batch is filled with blank rows (one attended pad token, no label; collate's
+    fill_to): the lean loss and the gradients are those of the real rows alone."""
+    model, new = tiny(tokenizer, tied=True)
+    model.config._attn_implementation = attention
+    model.train()
+    b = batch(tokenizer, new.start)
+    blank = {"input_ids": 2, "attention_mask": 0, "labels": -100}
+    filled = {k: torch.cat([v, torch.full((2, v.shape[1]), blank[k])]) for k, v in b.items()}
+    filled["attention_mask"][3:, 0] = 1
+    params = [p for p in model.parameters() if p.requires_grad]
+    alone, with_blanks = lean_lm_loss(model, b), lean_lm_loss(model, filled)
+    torch.testing.assert_close(with_blanks, alone)
+    for a, e in zip(torch.autograd.grad(with_blanks, params), torch.autograd.grad(alone, params)):
+        torch.testing.assert_close(a, e)
+
+
 def test_a_model_that_reads_the_2d_mask_keeps_it(tokenizer):
     """OPT computes its learned positions from the (B, T) mask: it is not in TAKES_4D_MASK, gets the (B, T) mask,
     and its lean loss and gradients are HF's."""

@@ -173,6 +173,26 @@ def test_stored_rows_collate_to_the_padded_rows(toy, left):
 
         loader, line = training_loader(rows, 9, 0, 3, TrainerConfig(pad_to_multiple_of=16))
         assert {b["input_ids"].shape[1] % 16 for b in loader} == {0} and "(widths a multiple of 16)" in line
+        # trainer.compile: 7 rows in batches of 3, the last one filled with blank rows to keep its shape
+        assert [b["input_ids"].shape[0] for b in loader] == [3, 3, 1]
+        compiled, _ = training_loader(rows, 9, 0, 3, TrainerConfig(pad_to_multiple_of=16, compile=True))
+        assert [b["input_ids"].shape[0] for b in compiled] == [3, 3, 3]
+
+
+def test_a_short_batch_filled_to_size_keeps_its_rows_and_loss_positions(toy):
+    """collate(fill_to=N): the real rows as they were, then blank rows of one attended pad token and no label, so
+    the loss reads the same positions."""
+    ds, new, fmt = toy
+    rows = rec_train_rows(ds, fmt, FinetuneConfig(data=DataConfig(name="toy", max_history=3), max_length=96), new)
+    short = [rows[0], rows[1]]
+    plain, filled = collate(short, 9), collate(short, 9, fill_to=5)
+    assert filled["input_ids"].shape == (5, plain["input_ids"].shape[1])
+    for k in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(filled[k][:2], plain[k])
+    assert (filled["input_ids"][2:] == 9).all() and (filled["labels"][2:] == -100).all()
+    assert filled["attention_mask"][2:].tolist() == [[1] + [0] * (plain["input_ids"].shape[1] - 1)] * 3
+    assert torch.equal(filled["predict_at"], plain["predict_at"])
+    assert torch.equal(collate(short, 9, fill_to=2)["input_ids"], plain["input_ids"])  # a full batch stays as it is
 
 
 def test_chat_frame_matches_the_template_and_falls_back(tokenizer):

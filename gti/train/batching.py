@@ -152,12 +152,12 @@ class ResumableLoader(torch.utils.data.DataLoader):
 def training_loader(rows, pad_id: int, seed: int, batch_size: int, t) -> tuple:
     """Both stages' training DataLoader over stored rows (gti.train.rows): the resumable shuffle, grouped by length
     unless trainer.group_by_length=false, by optimizer step (trainer.accumulate_grad_batches), widths padded to a
-    multiple of trainer.pad_to_multiple_of.
+    multiple of trainer.pad_to_multiple_of; under trainer.compile a short last batch filled with blank rows.
     Returns (loader, the start-up line on padding)."""
     from gti.train.rows import StoredRows, collate, row_lengths
 
     lengths = row_lengths(rows)
     sampler = EpochShuffleSampler(len(rows), seed, batch_size, lengths if t.group_by_length else None, t.accumulate_grad_batches)
-    pad = partial(collate, pad_id=pad_id, multiple=t.pad_to_multiple_of)
+    pad = partial(collate, pad_id=pad_id, multiple=t.pad_to_multiple_of, fill_to=batch_size if t.compile else 0)
     loader = ResumableLoader(StoredRows(rows), sampler, batch_size=batch_size, num_workers=t.num_workers, collate_fn=pad)
     return loader, padding_summary(sampler, lengths, t.pad_to_multiple_of)

@@ -107,16 +107,23 @@ class StoredRows(torch.utils.data.Dataset):
         return self.rows[indices]  # a pyarrow Table, one row per index
 
 
-def collate(rows, pad_id: int, left: bool = False, multiple: int = 1) -> dict:
+def collate(rows, pad_id: int, left: bool = False, multiple: int = 1, fill_to: int = 0) -> dict:
     """Stored rows -> padded (B, T) tensors, T the longest row rounded up to a `multiple` (trainer.pad_to_multiple_of);
     left padding for generation. Rows without labels are prompts; rows with labels also get "predict_at".
-    `rows`: a pyarrow Table (StoredRows) or row dicts (a list, a `datasets.Dataset`)."""
+    `rows`: a pyarrow Table (StoredRows) or row dicts (a list, a `datasets.Dataset`).
+    `fill_to` > B: a short batch gets blank rows up to that many (trainer.compile: the batch keeps its shape, so an
+    epoch's last batch is no new shape to compile). A blank row is one attended pad token and no label: rows never
+    see each other, so loss and gradients are those of the real rows."""
     import pyarrow as pa
 
     table = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist([dict(r) for r in rows])
     ids, spots = _padded(table.column("input_ids"), pad_id, left, multiple)
+    real = ids.shape[0]
+    if fill_to > real:
+        ids = torch.cat([ids, ids.new_full((fill_to - real, ids.shape[1]), pad_id)])
     mask = torch.zeros(ids.shape, dtype=torch.long)
     mask[spots] = 1
+    mask[real:, -1 if left else 0] = 1  # blank rows: one token each, so no attention row is empty
     batch = {"input_ids": ids, "attention_mask": mask}
     if "labels" in table.column_names:  # a row's labels are as long as its input_ids: the same positions
         batch["labels"] = torch.full(ids.shape, -100, dtype=torch.long)
