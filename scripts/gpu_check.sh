@@ -30,7 +30,7 @@
 # Usage: bash scripts/gpu_check.sh [BUDGET_SECONDS] [PART ...] [KEY=VALUE ...]   (default: 520 profile graphs rank compile quick)
 #   one lease, the throughput figures:  bash scripts/gpu_check.sh 540 profile graphs rank compile
 #     (done on one H100, 2026-11-27, as 545 rank graphs profile: the README's Speed at scale)
-#   the real stages with CUDA graphs:   bash scripts/gpu_check.sh 400 stages
+#   the real stages with CUDA graphs:   bash scripts/gpu_check.sh 540 stages profile   (~7 min of stages on a fresh machine)
 #   one lease, gpu-quick end to end:    bash scripts/gpu_check.sh 540 quick   (then again, same warm machine)
 #   ... with CUDA graphs in both stages: bash scripts/gpu_check.sh 540 quick {ground,finetune}.trainer.compile=true \
 #          {ground,finetune}.trainer.compile_mode=reduce-overhead {ground,finetune}.trainer.pad_to_multiple_of=64
