@@ -388,13 +388,12 @@ def ranking_speed(args, ds, model, tok, fmt) -> dict:
 
     def ours_in(precision: str, batches: list[dict], size: int) -> dict:
         """Ours again in another arithmetic or batch size: users/s, and its lists against fp32's at the first size."""
-        with ranking_precision(model, precision):  # untimed: the first batch, so no first use of a kernel is timed
-            rank("ours", batches[0])
-        t, lists = sync(device), []
         with ranking_precision(model, precision):  # as eval.precision sets it
+            rank("ours", batches[0])  # untimed: no first use of a kernel is timed
+            t, lists = sync(device), []
             for batch in batches:
                 lists += rank("ours", batch)
-        speed = len(test) / (sync(device) - t)
+            speed = len(test) / (sync(device) - t)
         top10 = sum(a[:10] == b[:10] for a, b in zip(lists, items["ours"])) / len(test)
         whole = sum(a == b for a, b in zip(lists, items["ours"])) / len(test)
         print(f"[bench] ranking in {precision}, batch {size}: ours {speed:.1f} users/s ({speed / out['ours']:.2f}x fp32 "

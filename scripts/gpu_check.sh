@@ -61,8 +61,10 @@ bench() {  # bench PART LOG SECONDS ARGS...: one bench_throughput.py run appende
   timeout "$limit" python scripts/bench_throughput.py "${sizes[@]}" "$@" 2>&1 | quiet >> "$out/$log"
   say "$part done at ${SECONDS}s (exit ${PIPESTATUS[0]}) -> $log"
 }
-stage() {  # stage MODULE ARGS...: one stage process appended to stages.log, progress bars as lines, cut off at the
-  local left=$((budget - SECONDS)) status  # budget; returns the stage's exit status
+# stage MODULE ARGS...: one stage process appended to stages.log, progress bars as lines, cut off at the budget;
+# returns the stage's exit status
+stage() {
+  local left=$((budget - SECONDS)) status
   if ((left < 60)); then say "$1: not run, ${left}s left"; return 1; fi
   echo "[gpu_check] python -m $*" >> "$out/stages.log"
   timeout "$left" python -m "$@" 2>&1 | stdbuf -oL tr '\r' '\n' \

@@ -135,4 +135,3 @@ def decode_tree(model, cache, tokens: torch.Tensor, mask: torch.Tensor, position
     mask, positions = as_attention_mask(model, mask), position[:, None].expand_as(tokens)
     out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     return out.logits.float()
-
