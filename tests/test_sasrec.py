@@ -13,6 +13,7 @@ from gti.core.errors import ConfigError
 from gti.data.dataset import Example, leave_one_out, load_dataset
 from gti.rank.metrics import RankingMetrics, ndcg_at
 from gti.train.sasrec import (
+    Padded,
     SasrecModel,
     SasrecModule,
     catalogue_ranking,
@@ -20,6 +21,7 @@ from gti.train.sasrec import (
     collate_train,
     config_problems,
     load_model,
+    target_positions,
     train_windows,
     unseen_scores,
 )
@@ -64,6 +66,22 @@ def test_train_windows_cover_every_training_target_once():
     batch = collate_train(windows, max_len=4)
     assert batch["seq"][2].tolist() == [0, 0, 0, 11] and batch["target"][2].tolist() == [-100, -100, -100, 11]
     assert batch["seq"][0].tolist() == [16, 17, 18, 19] and batch["target"][0].tolist() == [16, 17, 18, 19]
+
+
+def test_padded_once_batches_are_the_per_batch_ones():
+    """The stage pads every window once and indexes batches out of it: the same batches as padding each batch."""
+    from torch.utils.data import DataLoader
+
+    inter = {u: list(range(u, u + 3 + u % 7)) for u in range(9)}
+    windows = train_windows(inter, max_len=4)
+    loader = DataLoader(Padded(collate_train(windows, 4)), batch_size=3, collate_fn=target_positions)
+    batches = list(loader)
+    assert len(batches) == -(-len(windows) // 3)
+    for i, batch in enumerate(batches):
+        expected = collate_train(windows[3 * i : 3 * i + 3], max_len=4)
+        assert batch.keys() == expected.keys() == {"seq", "target", "rows", "cols"}
+        assert all(torch.equal(batch[k], expected[k]) for k in batch)
+        assert torch.equal(batch["target"][batch["rows"], batch["cols"]], batch["target"][batch["target"] >= 0])
 
 
 def test_loss_decreases_on_toy_sequences():

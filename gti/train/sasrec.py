@@ -121,11 +121,37 @@ def _left_pad(seqs: list, max_len: int, fill: int) -> torch.Tensor:
 
 
 def collate_train(windows: list[list[int]], max_len: int) -> dict:
-    """Position t reads item t and predicts item t + 1: inputs (B, T) shifted ids, targets (B, T) item ids, -100 at padding."""
-    return {
+    """Position t reads item t and predicts item t + 1: inputs (B, T) shifted ids, targets (B, T) item ids, -100 at
+    padding, and where the real targets are (target_positions)."""
+    return target_positions({
         "seq": _left_pad([[i + 1 for i in w[:-1]] for w in windows], max_len, 0),
         "target": _left_pad([w[1:] for w in windows], max_len, -100),
-    }
+    })  # fmt: skip
+
+
+def target_positions(batch: dict) -> dict:
+    """Adds `rows`, `cols`: the (row, position) of every real target. Found here, on the host, by the loader: on
+    the device the same `nonzero` would make the host wait for the previous step to finish."""
+    batch["rows"], batch["cols"] = (batch["target"] >= 0).nonzero(as_tuple=True)
+    return batch
+
+
+class Padded(torch.utils.data.Dataset):
+    """Equal-length columns padded once (collate_train of every window): example i is row i of each, and a batch is
+    one index into each column (the loader calls __getitems__), not a Python loop padding lists at every step."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        self.columns = {k: v for k, v in columns.items() if k in ("seq", "target")}
+
+    def __len__(self) -> int:
+        return len(self.columns["seq"])
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.columns.items()}
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        rows = torch.as_tensor(indices)
+        return {k: v[rows] for k, v in self.columns.items()}
 
 
 def unseen_scores(scores: torch.Tensor, seen: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -169,8 +195,7 @@ class SasrecModule(L.LightningModule):
         self._losses: list[torch.Tensor] = []
 
     def loss(self, batch: dict) -> torch.Tensor:
-        # (M,) real positions, found before the forward (a boolean index after it would wait for its compute)
-        rows, cols = (batch["target"] >= 0).nonzero(as_tuple=True)
+        rows, cols = batch["rows"], batch["cols"]  # (M,): the real targets' places (target_positions)
         hidden = self.model(batch["seq"])[rows, cols]  # (M, d), not (B, T, d): logits only where a target is read
         return F.cross_entropy(self.model.scores(hidden).float(), batch["target"][rows, cols])
 
