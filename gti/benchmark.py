@@ -1,9 +1,10 @@
 """`python -m gti.benchmark [config.yaml] [key=value ...]` — GTI against every init baseline, over seeds.
 
-Each cell (method x seed) runs stage 1 (when the method grounds) and stage 2 in subprocesses
-through the same `gti.ground` / `gti.finetune` code, from a YAML written into the cell folder.
-Finished cells are skipped, so an interrupted benchmark resumes by running the command again.
-Cells run one after another unless `parallel` > 1; each stage process gets `threads` CPU threads.
+Each cell (method x seed) runs stage 1 (when the method grounds) and stage 2 through the same `gti.ground` /
+`gti.finetune` main(), from a YAML written into the cell folder: inside this process (in_process=true, the
+default) or as `python -m gti.<stage> CELL/<stage>.yaml` processes (in_process=false, and always when cells
+run side by side). Finished cells are skipped, so an interrupted benchmark resumes by running the command again.
+Cells run one after another unless `parallel` > 1; each stage gets `threads` CPU threads.
 The report folder gets results.md, results.json and plots (spectra, cosine maps, metric bars).
 """
 

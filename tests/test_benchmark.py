@@ -137,7 +137,7 @@ def test_stage_processes_get_their_share_of_the_cores(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(gti.experiments.runner.subprocess, "run", fake_run)
-    run_cell(BenchmarkConfig(output_dir=str(tmp_path / "a"), threads=3), "gti-mean", 0)
+    run_cell(BenchmarkConfig(output_dir=str(tmp_path / "a"), threads=3, in_process=False), "gti-mean", 0)
     assert [m for m, _ in envs] == ["gti.ground", "gti.finetune"]
     for _, env in envs:
         assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3" and env["TOKENIZERS_PARALLELISM"] == "false"
@@ -160,7 +160,8 @@ def test_sasrec_reference_runs_once_after_the_first_seed_on_the_arms_split(tmp_p
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(gti.experiments.runner.subprocess, "run", fake_run)
-    cfg = BenchmarkConfig(methods=["mean", "gti-mean"], seeds=[3, 4], single_seed=[], output_dir=str(tmp_path / "b"))
+    cfg = BenchmarkConfig(methods=["mean", "gti-mean"], seeds=[3, 4], single_seed=[], output_dir=str(tmp_path / "b"),
+                          in_process=False)  # fmt: skip
     cfg.finetune.data = DataConfig(name="ml-1m", root="elsewhere", max_history=20, max_users=100)
     assert schedule(cfg) == [("mean", 3), ("gti-mean", 3), ("sasrec", 3), ("mean", 4), ("gti-mean", 4)]
     run_cell(cfg, "sasrec", 3)
@@ -193,6 +194,68 @@ def test_parallel_cells_finish_and_a_failed_one_names_its_log(tmp_path, tiny_mod
     out = capsys.readouterr().out
     assert f"gti-mean seed 0: FAILED: gti.ground exited with 2; log: {log}" in out
     assert "random seed 0: finished" in out and "mean seed 0: finished" in out
+
+
+def test_stages_inside_the_process_compute_what_stage_processes_do(tmp_path, tiny_model_dir, capsys):
+    """in_process=true (the default) runs each stage's main() here: the same numbers as a process per stage, the
+    stage's model let go afterwards and the caller's thread count restored."""
+    import gc
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import PreTrainedModel
+
+    threads = torch.get_num_threads()
+    folders = {}
+    for here in (True, False):
+        cfg = tiny_benchmark(tmp_path, tiny_model_dir, methods=["gti-mean"], seeds=[0], in_process=here)
+        cfg.output_dir = str(tmp_path / f"bench-{here}")
+        run(cfg)
+        folders[here] = Path(cfg.output_dir) / "gti-mean" / "seed0"
+        if here:
+            assert "1 CPU threads in this process" in capsys.readouterr().out
+            gc.collect()
+            assert not [o for o in gc.get_objects() if isinstance(o, PreTrainedModel)]
+            assert torch.get_num_threads() == threads
+    metrics = [json.loads((folders[h] / "finetune" / "metrics.json").read_text()) for h in (True, False)]
+    assert metrics[0]["test"] == metrics[1]["test"]
+    for stage in ("ground", "finetune"):
+        a, b = (load_file(folders[h] / stage / "model" / "model.safetensors") for h in (True, False))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only: the resettable resident peak")
+def test_each_stage_in_the_process_reports_its_own_peak_memory():
+    import numpy as np
+
+    from gti.core.runs import peak_memory_mb, reset_peak_memory
+
+    big = np.ones(400 * 2**20 // 8)  # 400 MB touched: an earlier stage's peak
+    earlier = peak_memory_mb()["peak_rss_mb"]
+    del big
+    reset_peak_memory()
+    assert peak_memory_mb()["peak_rss_mb"] < earlier - 300
+
+
+def test_a_stage_failing_inside_the_process_fails_its_cell_only(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import gti.finetune
+
+    def crash(cfg):
+        if cfg.init == "random":
+            raise RuntimeError("CUDA error: an illegal memory access")  # a crash, not a user error
+        return real(cfg)
+
+    real = gti.finetune.run
+    monkeypatch.setattr(gti.finetune, "run", crash)
+    cfg = tiny_benchmark(tmp_path, tiny_model_dir, methods=["random", "mean", "gti-mean"], seeds=[0])
+    cfg.ground.max_length = 4  # a user error at gti.ground's start-up
+    with pytest.raises(GtiError, match="2 of 3 cells failed"):
+        run(cfg)
+    captured = capsys.readouterr()
+    assert "random seed 0: FAILED: gti.finetune exited with 1" in captured.out
+    assert "gti-mean seed 0: FAILED: gti.ground exited with 2" in captured.out
+    assert "RuntimeError: CUDA error: an illegal memory access" in captured.err and "max_length >= 8" in captured.err
+    assert (tmp_path / "bench" / "mean" / "seed0" / "finetune" / "metrics.json").is_file()
 
 
 def test_quick_gpu_config_is_ready_to_run():

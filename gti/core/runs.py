@@ -32,12 +32,29 @@ def versions(packages: tuple[str, ...] = ("torch", "transformers", "lightning"))
 
 
 def peak_memory_mb() -> dict:
+    """The process's peak resident memory (since reset_peak_memory, where Linux allows it) and peak CUDA memory."""
     import resource
 
     out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    try:  # Linux: the high-water mark that reset_peak_memory can lower; getrusage's never goes down
+        status = Path("/proc/self/status").read_text()
+        out["peak_rss_mb"] = round(int(status.split("VmHWM:")[1].split()[0]) / 1024, 1)
+    except (OSError, IndexError, ValueError):
+        pass
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return out
+
+
+def reset_peak_memory() -> None:
+    """Peaks measured from now: before a stage that runs inside a process that ran others (gti.experiments.runner).
+    The resident peak restarts at what the process holds now, memory kept from earlier stages included."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: "5" resets VmHWM to the current RSS
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
 
 
 @dataclass

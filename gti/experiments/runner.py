@@ -1,5 +1,7 @@
-"""One stage as a subprocess (`python -m gti.<stage> ...`), the way a user would type it, skipped when its run
-folder is already finished: an interrupted benchmark or protocol resumes by running the same command again."""
+"""One stage as a user would type it (`python -m gti.<stage> ...`), skipped when its run folder is already finished:
+an interrupted benchmark or protocol resumes by running the same command again. The stage runs in a fresh Python
+process, or inside this one (`run_here`: the same main(argv), without the seconds each new process spends importing
+torch, Lightning and transformers and starting CUDA)."""
 
 from __future__ import annotations
 
@@ -109,35 +111,84 @@ def finished(folder: Path, stage: str) -> bool:
     return True
 
 
+def stage_threads(threads: int, parallel: int) -> int:
+    """Each stage gets its share of the cores: torch, MKL and the tokenizers default to every core per process,
+    so N processes at once would oversubscribe the machine N-fold."""
+    return threads or max(1, (os.cpu_count() or 1) // parallel)
+
+
 def stage_env(threads: int, parallel: int) -> dict[str, str]:
-    """Each stage process gets its share of the cores: torch, MKL and the tokenizers default to every
-    core per process, so N processes at once would oversubscribe the machine N-fold."""
-    n = threads or max(1, (os.cpu_count() or 1) // parallel)
-    return {**os.environ, "OMP_NUM_THREADS": str(n), "MKL_NUM_THREADS": str(n), "TOKENIZERS_PARALLELISM": "false"}
+    n = str(stage_threads(threads, parallel))
+    return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_here(step: Step, threads: int) -> int:
+    """`python -m <module> <argv>` inside this process: the stage's main(argv) on `threads` CPU threads. Returns the
+    exit status the process would have had (2: a user error, printed; 1: a crash, its traceback printed). Afterwards
+    what the stage held is let go (model, optimiser, compiled graphs, cached GPU memory) and the peak-memory
+    counters start again, so the next stage's run folder reports its own peak (gti.core.runs.peak_memory_mb)."""
+    import gc
+    import importlib
+    import traceback
+
+    import torch
+    import torch._dynamo
+
+    from gti.core.runs import reset_peak_memory
+
+    before, tokenizers = torch.get_num_threads(), os.environ.get("TOKENIZERS_PARALLELISM")
+    torch.set_num_threads(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in a stage process (stage_env)
+    reset_peak_memory()
+    try:
+        importlib.import_module(step.module).main(list(step.argv))
+        return 0
+    except SystemExit as e:  # what the process would have exited with
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    except Exception:  # a crash: reported like the process's traceback, and the benchmark goes on to other cells
+        traceback.print_exc()
+        return 1
+    finally:
+        torch.set_num_threads(before)
+        if tokenizers is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = tokenizers
+        torch._dynamo.reset()  # compiled graphs hold the stage's model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def run_step(
-    step: Step, say: Callable[[str], None], starting: str, env: dict | None = None, log: Path | None = None
+    step: Step, say: Callable[[str], None], starting: str, env: dict | None = None, log: Path | None = None,
+    here: int = 0,
 ) -> bool:
     """Runs `step` unless its run folder is finished; `say`s which, with `starting` as the line before it runs.
-    Output goes to the terminal, or is appended to `log` when stages run side by side. Returns whether it ran;
-    raises StageFailed (naming where its output went) when the stage exits non-zero."""
+    Output goes to the terminal, or is appended to `log` when stages run side by side. `here` > 0: inside this
+    process on that many threads (run_here; not with `log`), else as a new process with `env`. Returns whether it
+    ran; raises StageFailed (naming where its output went) when the stage exits non-zero."""
     if step.finished():
         say(f"{step.output} is finished, skipped")
         return False
     say(starting)
     if step.config is not None:
         atomic_write_text(Path(step.argv[0]), to_yaml(step.config))
-    cmd = [sys.executable, "-m", step.module, *step.argv]
-    with log.open("a") if log else nullcontext() as out:
-        if out:
-            out.write(f"\n==== {' '.join(cmd)}\n")
-            out.flush()
-        done = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
-    if done.returncode != 0:
+    if here and not log:
+        returncode = run_here(step, here)
+    else:
+        cmd = [sys.executable, "-m", step.module, *step.argv]
+        with log.open("a") if log else nullcontext() as out:
+            if out:
+                out.write(f"\n==== {' '.join(cmd)}\n")
+                out.flush()
+            returncode = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None).returncode
+    if returncode != 0:
         if log:
             where = f"log: {log}"
         else:
             where = f"its output is above ({step.argv[0]})" if step.config is not None else "its output is above"
-        raise StageFailed(step.module, done.returncode, where)
+        raise StageFailed(step.module, returncode, where)
     return True
