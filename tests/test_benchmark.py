@@ -242,7 +242,7 @@ def test_a_stage_failing_inside_the_process_fails_its_cell_only(tmp_path, tiny_m
 
     def crash(cfg):
         if cfg.init == "random":
-            raise RuntimeError("CUDA error: an illegal memory access")  # a crash, not a user error
+            raise RuntimeError("shape mismatch")  # a crash, not a user error
         return real(cfg)
 
     real = gti.finetune.run
@@ -254,8 +254,46 @@ def test_a_stage_failing_inside_the_process_fails_its_cell_only(tmp_path, tiny_m
     captured = capsys.readouterr()
     assert "random seed 0: FAILED: gti.finetune exited with 1" in captured.out
     assert "gti-mean seed 0: FAILED: gti.ground exited with 2" in captured.out
-    assert "RuntimeError: CUDA error: an illegal memory access" in captured.err and "max_length >= 8" in captured.err
+    assert "RuntimeError: shape mismatch" in captured.err and "max_length >= 8" in captured.err
     assert (tmp_path / "bench" / "mean" / "seed0" / "finetune" / "metrics.json").is_file()
+
+
+def test_what_a_process_cannot_survive_stops_the_benchmark(tmp_path, monkeypatch):
+    """A GPU fault leaves CUDA unusable in the process, and Ctrl-C caught by Lightning (which then ignores further
+    Ctrl-C) is still an interrupt: neither lets a later cell start in-process. Other ranks never start in it."""
+    import signal
+    import sys
+
+    import gti.finetune
+
+    ran = []
+
+    def fault(cfg):
+        ran.append(cfg.init)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    def interrupted(cfg):  # what Lightning does on Ctrl-C inside fit
+        ran.append(cfg.init)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.exit(1)
+
+    cfg = BenchmarkConfig(methods=["random", "mean"], seeds=[0], output_dir=str(tmp_path / "b"), reference=[])
+    monkeypatch.setattr(gti.finetune, "run", fault)
+    with pytest.raises(GtiError, match="GPU fault inside this process(.|\n)*in_process=false"):
+        run(cfg)
+    assert ran == ["random"]
+    handler = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(gti.finetune, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    assert ran == ["random", "random"] and signal.getsignal(signal.SIGINT) is handler
+
+    processes = []  # two devices: DDP, whose launcher would re-run this process's command line
+    monkeypatch.setattr(gti.experiments.runner.subprocess, "run", lambda cmd, **kw: processes.append(cmd[2]) or
+                        subprocess.CompletedProcess(cmd, 0))  # fmt: skip
+    cfg.finetune.trainer.devices = 2
+    run_cell(cfg, "mean", 0)
+    assert processes == ["gti.finetune"] and ran == ["random", "random"]
 
 
 def test_quick_gpu_config_is_ready_to_run():

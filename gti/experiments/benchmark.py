@@ -14,7 +14,7 @@ from gti.core.errors import ConfigError, GtiError
 from gti.core.log import get_logger
 from gti.experiments.arms import ARMS
 from gti.experiments.report import Planned, write_report
-from gti.experiments.runner import Step, run_step, stage_env, stage_threads
+from gti.experiments.runner import DeviceFault, Step, run_step, runs_here, stage_env, stage_threads
 
 log = get_logger("benchmark")
 
@@ -41,7 +41,7 @@ class BenchmarkConfig:
     threads: int = 0  # CPU threads per stage; 0: the machine's cores // parallel, at least 1
     # parallel=1: each stage runs inside the benchmark's process, saving the ~10-15 s a new Python process spends
     # importing torch, Lightning and transformers; false: a fresh process per stage, so a crash or a GPU fault
-    # cannot outlive its stage. Cells side by side (parallel > 1) always get processes
+    # cannot outlive its stage. Cells side by side (parallel > 1) and stages on several devices always get processes
     in_process: bool = True
 
 
@@ -104,8 +104,12 @@ def run_cell(cfg: BenchmarkConfig, method: str, seed: int) -> Path:
     log_file = cell / "cell.log" if cfg.parallel > 1 else None
     to_log = f" (log: {log_file})" if log_file else ""
     here = stage_threads(cfg.threads, 1) if cfg.in_process and cfg.parallel == 1 else 0
-    for step in steps:
-        run_step(step, lambda what: _say(method, seed, what), DOING[step.module] + to_log, env, log_file, here)
+
+    def say(what: str) -> None:
+        _say(method, seed, what)
+
+    for step in steps:  # in this process only a stage that starts no other ranks (runs_here)
+        run_step(step, say, DOING[step.module] + to_log, env, log_file, here if runs_here(step.config) else 0)
     _say(method, seed, f"finished in {time.time() - t:.0f}s")
     return cell
 
@@ -117,18 +121,23 @@ def run_cells(cfg: BenchmarkConfig, todo: list[tuple[str, int]]) -> None:
     def one(method: str, seed: int) -> str | None:
         try:
             run_cell(cfg, method, seed)
+        except DeviceFault:  # this process cannot run another stage
+            raise
         except GtiError as e:  # a stage failed: say so now, list it at the end
             _say(method, seed, f"FAILED: {e}")
             return f"{method} seed {seed}: {e}"
         return None
 
-    with ThreadPoolExecutor(cfg.parallel) as pool:
-        futures = [pool.submit(one, m, s) for m, s in todo]
-        try:
-            failed = [r for r in (f.result() for f in futures) if r]
-        except KeyboardInterrupt:  # Ctrl-C reached the running stages too; start no further cell
-            pool.shutdown(cancel_futures=True)
-            raise
+    if cfg.parallel == 1:  # in the main thread, where Ctrl-C reaches a stage running in this process
+        failed = [r for r in (one(m, s) for m, s in todo) if r]
+    else:
+        with ThreadPoolExecutor(cfg.parallel) as pool:
+            futures = [pool.submit(one, m, s) for m, s in todo]
+            try:
+                failed = [r for r in (f.result() for f in futures) if r]
+            except KeyboardInterrupt:  # Ctrl-C reached the stage processes too; start no further cell
+                pool.shutdown(cancel_futures=True)
+                raise
     if failed:
         raise GtiError(
             f"{len(failed)} of {len(todo)} cells failed; the others finished. Run the same command again to retry "

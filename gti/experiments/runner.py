@@ -122,13 +122,43 @@ def stage_env(threads: int, parallel: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false"}
 
 
+class DeviceFault(StageFailed):
+    """A stage run inside this process hit a GPU fault. CUDA errors are sticky (every later CUDA call in the
+    process fails too), so no further stage can run here."""
+
+    def __init__(self, module: str):
+        GtiError.__init__(self, (
+            f"{module} hit a GPU fault inside this process, which leaves CUDA unusable in it: no further stage can "
+            "run here. Run the same command again (finished cells are skipped); in_process=false runs each stage "
+            "in its own process, so that a fault ends only its stage"))  # fmt: skip
+        self.module, self.returncode = module, 1
+
+
+def device_fault(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e)
+
+
+def runs_here(config: Any) -> bool:
+    """Whether a stage may run in-process: one process, one device. A Trainer that starts other ranks (DDP, FSDP,
+    several devices or nodes) would have Lightning's launcher re-run this process's command line, and leave its
+    process group and rank variables to the next stage."""
+    t = getattr(config, "trainer", None)
+    return t is None or (t.devices == 1 and t.num_nodes == 1 and t.strategy in ("auto", "single_device"))
+
+
 def run_here(step: Step, threads: int) -> int:
     """`python -m <module> <argv>` inside this process: the stage's main(argv) on `threads` CPU threads. Returns the
-    exit status the process would have had (2: a user error, printed; 1: a crash, its traceback printed). Afterwards
-    what the stage held is let go (model, optimiser, compiled graphs, cached GPU memory) and the peak-memory
-    counters start again, so the next stage's run folder reports its own peak (gti.core.runs.peak_memory_mb)."""
+    exit status the process would have had (2: a user error, printed; 1: a crash, its traceback printed).
+    Afterwards the environment variables are as before, what the stage held is let go (model, optimiser, compiled
+    graphs, cached GPU memory) and the peak-memory counters start again, so the next stage's run folder reports its
+    own peak (gti.core.runs.peak_memory_mb). Raises KeyboardInterrupt when Ctrl-C stopped the stage (Lightning
+    turns it into an exit and ignores further Ctrl-C), DeviceFault after a GPU fault."""
     import gc
     import importlib
+    import signal
+    import threading
     import traceback
 
     import torch
@@ -136,30 +166,41 @@ def run_here(step: Step, threads: int) -> int:
 
     from gti.core.runs import reset_peak_memory
 
-    before, tokenizers = torch.get_num_threads(), os.environ.get("TOKENIZERS_PARALLELISM")
+    before, environ, sigint = torch.get_num_threads(), dict(os.environ), signal.getsignal(signal.SIGINT)
     torch.set_num_threads(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in a stage process (stage_env)
     reset_peak_memory()
+    code, fault = 0, False
     try:
         importlib.import_module(step.module).main(list(step.argv))
-        return 0
     except SystemExit as e:  # what the process would have exited with
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
-        return e.code if isinstance(e.code, int) else int(e.code is not None)
-    except Exception:  # a crash: reported like the process's traceback, and the benchmark goes on to other cells
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except Exception as e:  # a crash: its traceback, as the process would print it; the benchmark goes on
         traceback.print_exc()
-        return 1
+        code, fault = 1, device_fault(e)
     finally:
         torch.set_num_threads(before)
-        if tokenizers is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = tokenizers
-        torch._dynamo.reset()  # compiled graphs hold the stage's model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        os.environ.clear()
+        os.environ.update(environ)
+        interrupted = signal.getsignal(signal.SIGINT) is signal.SIG_IGN and sigint is not signal.SIG_IGN
+        if interrupted and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
+        try:
+            torch._dynamo.reset()  # compiled graphs hold the stage's model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception as e:  # after a fault, CUDA calls fail too
+            if not device_fault(e):
+                raise
+            fault = True
+    if interrupted:
+        raise KeyboardInterrupt
+    if fault:
+        raise DeviceFault(step.module)
+    return code
 
 
 def run_step(
