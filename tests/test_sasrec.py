@@ -78,7 +78,7 @@ def test_padded_once_batches_are_the_per_batch_ones():
     batches = list(loader)
     assert len(batches) == -(-len(windows) // 3)
     for i, batch in enumerate(batches):
-        expected = collate_train(windows[3 * i : 3 * i + 3], max_len=4)
+        expected = target_positions(collate_train(windows[3 * i : 3 * i + 3], max_len=4))
         assert batch.keys() == expected.keys() == {"seq", "target", "rows", "cols"}
         assert all(torch.equal(batch[k], expected[k]) for k in batch)
         assert torch.equal(batch["target"][batch["rows"], batch["cols"]], batch["target"][batch["target"] >= 0])
@@ -87,7 +87,7 @@ def test_padded_once_batches_are_the_per_batch_ones():
 def test_loss_decreases_on_toy_sequences():
     torch.manual_seed(0)
     inter = {u: [(u + k) % 12 for k in range(8)] for u in range(12)}  # each item is followed by the next id
-    batch = collate_train(train_windows(inter, max_len=5), max_len=5)
+    batch = target_positions(collate_train(train_windows(inter, max_len=5), max_len=5))
     cfg = SasrecConfig(hidden=16, dropout=0.0)
     module = SasrecModule(SasrecModel(12, hidden=16, dropout=0.0, max_len=5), cfg)
     opt = module.configure_optimizers()

@@ -58,6 +58,11 @@ def schedule(cfg: BenchmarkConfig) -> list[tuple[str, int]]:
     return arms[:n] + [(r, s) for r in cfg.reference for s in first] + arms[n:]
 
 
+def stages_here(cfg: BenchmarkConfig) -> bool:
+    """Whether stages run inside this process (in_process); cells side by side always get processes."""
+    return cfg.in_process and cfg.parallel == 1
+
+
 def cell_dir(cfg: BenchmarkConfig, method: str, seed: int) -> Path:
     return Path(cfg.output_dir) / method / f"seed{seed}"
 
@@ -103,7 +108,7 @@ def run_cell(cfg: BenchmarkConfig, method: str, seed: int) -> Path:
     env, t = stage_env(cfg.threads, cfg.parallel), time.time()
     log_file = cell / "cell.log" if cfg.parallel > 1 else None
     to_log = f" (log: {log_file})" if log_file else ""
-    here = stage_threads(cfg.threads, 1) if cfg.in_process and cfg.parallel == 1 else 0
+    here = stage_threads(cfg.threads, 1) if stages_here(cfg) else 0
 
     def say(what: str) -> None:
         _say(method, seed, what)
@@ -180,7 +185,7 @@ def run(cfg: BenchmarkConfig) -> Path:
         raise ConfigError.listing(problems)
     check_same_sids(cfg)
     todo = schedule(cfg)
-    how = "in this process" if cfg.in_process and cfg.parallel == 1 else "per stage process"
+    how = "in this process" if stages_here(cfg) else "per stage process"
     log.info(f"{len(todo)} cells, {cfg.parallel} at a time, {stage_threads(cfg.threads, cfg.parallel)} CPU threads {how}: "
              + ", ".join(f"{m}/s{s}" for m, s in todo))  # fmt: skip
     run_cells(cfg, todo)

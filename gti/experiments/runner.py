@@ -122,16 +122,16 @@ def stage_env(threads: int, parallel: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "TOKENIZERS_PARALLELISM": "false"}
 
 
-class DeviceFault(StageFailed):
+class DeviceFault(GtiError):
     """A stage run inside this process hit a GPU fault. CUDA errors are sticky (every later CUDA call in the
     process fails too), so no further stage can run here."""
 
     def __init__(self, module: str):
-        GtiError.__init__(self, (
+        super().__init__(
             f"{module} hit a GPU fault inside this process, which leaves CUDA unusable in it: no further stage can "
             "run here. Run the same command again (finished cells are skipped); in_process=false runs each stage "
-            "in its own process, so that a fault ends only its stage"))  # fmt: skip
-        self.module, self.returncode = module, 1
+            "in its own process, so that a fault ends only its stage"
+        )
 
 
 def device_fault(e: BaseException) -> bool:

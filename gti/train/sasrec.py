@@ -122,11 +122,11 @@ def _left_pad(seqs: list, max_len: int, fill: int) -> torch.Tensor:
 
 def collate_train(windows: list[list[int]], max_len: int) -> dict:
     """Position t reads item t and predicts item t + 1: inputs (B, T) shifted ids, targets (B, T) item ids, -100 at
-    padding, and where the real targets are (target_positions)."""
-    return target_positions({
+    padding. The loss also needs where the real targets are: target_positions of the batch."""
+    return {
         "seq": _left_pad([[i + 1 for i in w[:-1]] for w in windows], max_len, 0),
         "target": _left_pad([w[1:] for w in windows], max_len, -100),
-    })  # fmt: skip
+    }
 
 
 def target_positions(batch: dict) -> dict:
@@ -141,10 +141,10 @@ class Padded(torch.utils.data.Dataset):
     one index into each column (the loader calls __getitems__), not a Python loop padding lists at every step."""
 
     def __init__(self, columns: dict[str, torch.Tensor]):
-        self.columns = {k: v for k, v in columns.items() if k in ("seq", "target")}
+        self.columns = columns
 
     def __len__(self) -> int:
-        return len(self.columns["seq"])
+        return len(next(iter(self.columns.values())))
 
     def __getitem__(self, i: int) -> dict:
         return {k: v[i] for k, v in self.columns.items()}
