@@ -359,9 +359,10 @@ def test_trainer_settings_are_checked_before_any_compute():
     from gti.core.checks import trainer_problems
 
     assert trainer_problems(TrainerConfig(compile_mode="reduce-overhead", pad_to_multiple_of=16)) == []
-    problems = trainer_problems(TrainerConfig(compile_mode="fast", pad_to_multiple_of=0))
-    assert len(problems) == 2 and "trainer.compile_mode='fast'" in problems[0] and "reduce-overhead" in problems[0]
-    assert "trainer.pad_to_multiple_of=0" in problems[1]
+    problems = trainer_problems(TrainerConfig(compile_mode="fast", pad_to_multiple_of=0, checkpoint_every=-2))
+    assert len(problems) == 3 and "trainer.compile_mode='fast'" in problems[0] and "reduce-overhead" in problems[0]
+    assert "trainer.checkpoint_every=-2" in problems[1] and "-1 (none)" in problems[1]
+    assert "trainer.pad_to_multiple_of=0" in problems[2]
 
 
 def test_a_step_on_the_other_path_runs_eager(tmp_path, tokenizer, monkeypatch):
@@ -407,6 +408,19 @@ def test_first_step_line_is_printed_once_per_process(tmp_path, tokenizer, monkey
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[gti] first training step")]
     assert len(lines) == 1 and re.fullmatch(r"\[gti\] first training step began after \d+\.\ds", lines[0]), lines
     assert 0 < gti.train.trainer.process_age() < 24 * 3600
+
+
+@pytest.mark.parametrize("every, written", [(0, True), (-1, False)])
+def test_checkpoint_every_minus_one_writes_no_checkpoint(tmp_path, tokenizer, every, written):
+    """0: last.ckpt at the epoch's end (resume=auto's starting point); -1: no checkpoint at all, not even
+    Lightning's default one."""
+    from gti.train.trainer import make_trainer
+
+    module, batch = tiny_grounding(tokenizer)
+    trainer = make_trainer(TrainerConfig(max_steps=2, accelerator="cpu", checkpoint_every=every), tmp_path, 2, enable_progress_bar=False)
+    trainer.fit(module, torch.utils.data.DataLoader([batch] * 2, batch_size=None))
+    assert trainer.global_step == 2
+    assert sorted(p.name for p in tmp_path.rglob("*.ckpt")) == (["last.ckpt"] if written else [])
 
 
 def test_num_nodes_reaches_the_trainer(tmp_path):

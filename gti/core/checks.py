@@ -11,6 +11,8 @@ def trainer_problems(t: TrainerConfig) -> list[str]:
     problems = []
     if t.compile_mode not in COMPILE_MODES:
         problems.append(f"trainer.compile_mode={t.compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if t.checkpoint_every < -1:
+        problems.append(f"trainer.checkpoint_every={t.checkpoint_every}: N > 0 (every N steps), 0 (each epoch's end) or -1 (none)")
     if t.pad_to_multiple_of < 1:
         problems.append(f"trainer.pad_to_multiple_of={t.pad_to_multiple_of}: must be >= 1 (1: pad to the longest row)")
     return problems

@@ -45,7 +45,9 @@ class TrainerConfig:
     log_every_n_steps: int = 5  # logging and progress-bar refresh interval
     val_check_interval: float = 1.0  # validation during fit: a fraction of an epoch (<= 1) or every N batches (> 1)
     num_workers: int = 0  # DataLoader worker processes (rows are pre-tokenised: 0 is usually enough)
-    checkpoint_every: int = 0  # >0: also write checkpoints/last.ckpt every N steps (resume=auto continues)
+    # checkpoints/last.ckpt, what resume=auto continues from: written at each epoch's end, and every N steps when > 0;
+    # -1: none (a short run that would repeat rather than resume)
+    checkpoint_every: int = 0
     lean_step: bool = True  # LM head and loss at labelled positions only; false: the full-logits HF loss, for comparisons
     # rows of similar length batched together (sorted within ~50 batches, batch order shuffled): less padding
     group_by_length: bool = True

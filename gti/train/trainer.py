@@ -112,7 +112,11 @@ def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: lis
     strategy = t.strategy
     if strategy == "auto" and (t.devices > 1 or t.num_nodes > 1):
         strategy = "ddp"  # multi-GPU is one line
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=t.checkpoint_every or None)
+    # checkpoints/last.ckpt at each epoch's end, and every checkpoint_every steps when > 0; -1: none at all (a
+    # full fine-tune's is the model plus AdamW state, ~1.6 GB for SmolLM2, written even when nothing will resume)
+    every = t.checkpoint_every if t.checkpoint_every > 0 else None
+    ckpts = [] if t.checkpoint_every < 0 else [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=every)]
+    callbacks = callbacks or []
     # validation during fit: a fraction of each epoch, or every N training batches counted across epochs
     every_n = t.val_check_interval > 1
     val = dict(val_check_interval=int(t.val_check_interval), check_val_every_n_epoch=None) if every_n else dict(val_check_interval=t.val_check_interval)
@@ -130,13 +134,14 @@ def make_trainer(t: TrainerConfig, run_dir: Path, max_steps: int, callbacks: lis
         logger=CSVLogger(run_dir, name="logs"),  # logs/version_N: a resumed run keeps the earlier logs
         # no checkpoint holds weights trained on a NaN/inf loss (the step checks only at logging steps)
         callbacks=[
-            ckpt,
+            *ckpts,
             LambdaCallback(on_save_checkpoint=lambda _t, module, _c: stop_if_diverged(module)),
             LambdaCallback(on_train_batch_start=lambda trainer, *_: report_first_step(trainer)),
             # the bar reads the logged loss with .item(), a device sync: every log_every_n_steps, not every step
             *([TQDMProgressBar(refresh_rate=max(t.log_every_n_steps, 1))] if kw.get("enable_progress_bar", True) else []),
-            *(callbacks or []),
+            *callbacks,
         ],
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in ckpts + callbacks),  # else Lightning adds one
         default_root_dir=run_dir,
         enable_model_summary=False,
         num_sanity_val_steps=0,
