@@ -11,6 +11,7 @@ resume=auto continues a killed run after its last finished epoch (checkpoints/la
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from gti.core.config import SasrecConfig
@@ -82,7 +83,9 @@ def run(cfg: SasrecConfig) -> Path:
         best = ModelCheckpoint(dirpath=work / "checkpoints", filename="best", monitor=f"val/{cfg.monitor}", mode="max", save_top_k=1)
         callbacks += [best, EarlyStopping(monitor=f"val/{cfg.monitor}", mode="max", patience=cfg.patience)]
     t = cfg.trainer
-    trainer = trainers.make_trainer(t, work, t.max_steps, callbacks)
+    # EpochCheckpoint is the last.ckpt resume=auto reads; the generic one (trainer.checkpoint_every) would add a
+    # second copy, last-v1.ckpt, when the fit ends
+    trainer = trainers.make_trainer(replace(t, checkpoint_every=-1), work, t.max_steps, callbacks)
     last = stage.run_dir.last_checkpoint(cfg.resume)  # written at the end of every epoch
     if last:
         stage.say(f"resuming after the last finished epoch: {last}")

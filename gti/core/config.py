@@ -205,7 +205,8 @@ class SasrecConfig:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, batch_size=128, warmup_steps=0))
     patience: int = 10  # early stopping: epochs without a better validation `monitor` (trainer.max_epochs: the cap)
     monitor: str = "ndcg@10"  # validation metric for early stopping and the restored best checkpoint; K must be in eval.ks
-    # max_epochs caps training; no gradient clipping by default (the paper's recipe); threads=1 to share a machine
+    # max_epochs caps training; no gradient clipping by default (the paper's recipe); threads=1 to share a machine;
+    # checkpoint_every is not read (checkpoints/last.ckpt is written at every epoch's end)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_epochs=200, gradient_clip_val=0.0))
     # ks, batch_size, max_users and valid apply (false: no early stopping, the last epoch is tested); ranking
     # scores the whole catalogue, so num_beams and precision (beam search settings) are not used
