@@ -27,7 +27,7 @@ def run(cfg: FinetuneConfig) -> Path:
     if problems:
         raise ConfigError.listing(problems)
 
-    from gti.analysis.snapshot import diagnose_rows, public
+    from gti.analysis.snapshot import diagnose_rows, public, start_rows
     from gti.core.io import write_json, write_jsonl
     from gti.data.dataset import leave_one_out
     from gti.indexing.ensure import ensure_dataset
@@ -71,6 +71,7 @@ def run(cfg: FinetuneConfig) -> Path:
 
     val_loader, test_loader = prompts(valid), prompts(test)
 
+    start = start_rows(model, new)  # how far fine-tuning moves the rows (diagnostics "moved")
     if cfg.lora.enabled:
         model = apply_lora(model, cfg, new)
     module = RecommenderModule(model, tokenizer, trie, cfg)
@@ -111,7 +112,7 @@ def run(cfg: FinetuneConfig) -> Path:
         "steps": trainer.global_step,
         "wall_time_s": stage.elapsed(),
     }
-    diag = diagnose_rows(model, tokenizer, new, ds, work, "finetuned")
+    diag = diagnose_rows(model, tokenizer, new, ds, work, "finetuned", before=start)
     write_json(work / "metrics.json", metrics)
     write_jsonl(work / "predictions.jsonl", sorted(preds, key=lambda p: p["index"]))
     meta = run_metadata("finetune", cfg, ds, new, init=init, init_from=cfg.init_from, metrics=metrics, diagnostics=public(diag))

@@ -60,6 +60,12 @@ def test_benchmark_report_and_resume(tmp_path, tiny_model_dir, capsys):
         assert 0.0 <= m["metrics"]["recall@10"][0] <= 1.0
     md = (out / "results.md").read_text()
     assert "| gti-description | 2 |" in md and "*popularity*" in md and "list of their own" in md
+    # how far each stage moved the rows: from the init (grounding) and from the rows fine-tuning started at
+    diag = res["methods"]["gti-description"]["runs"][0]["diagnostics"]
+    moved = {stage: d.get("moved") for stage, d in diag.items()}
+    assert moved["init"] is None and moved["grounded"]["relative_change"] > 0 and moved["finetuned"]["cosine_to_start"] < 1
+    g = moved["grounded"]
+    assert "| gti-description | grounded |" in md and f"| {g['relative_change']:.2f} / {g['cosine_to_start']:.3f} |" in md
     for f in ("spectra.png", "cosine_maps.png", "metrics.png"):
         assert (out / f).is_file()
     capsys.readouterr()

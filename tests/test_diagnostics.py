@@ -12,6 +12,7 @@ from gti.analysis.diagnostics import (
     level_of,
     level_order,
     mean_cosine,
+    movement,
     nearest_tokens,
     participation_ratio,
     plot_cosine_map,
@@ -102,3 +103,19 @@ def test_summary_is_json_and_plots_are_pngs(tmp_path, tokenizer):
     for f in ("s.png", "c.png", "sub/cs.png"):
         assert (tmp_path / f).read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["c.png", "cs.png", "s.png"]  # no tmp left
+
+
+def test_movement_hand_cases():
+    start = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    moved = movement(start, torch.tensor([[2.0, 0.0], [0.0, -1.0]]))  # diff [[1, 0], [0, -2]]: sqrt(5) / sqrt(2)
+    assert moved == pytest.approx({"relative_change": math.sqrt(2.5), "cosine_to_start": 0.0, "norm_ratio": 1.5})
+    assert movement(start, start) == pytest.approx({"relative_change": 0.0, "cosine_to_start": 1.0, "norm_ratio": 1.0})
+    # a random table moved to another random table: rank and mean cosine unchanged, yet nothing stayed in place
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(200, 64, generator=g), torch.randn(200, 64, generator=g)
+    assert abs(effective_rank(spectrum(a)) - effective_rank(spectrum(b))) < 5 and abs(mean_cosine(a) - mean_cosine(b)) < 0.01
+    far = movement(a, b)
+    assert far["relative_change"] == pytest.approx(math.sqrt(2), abs=0.05) and abs(far["cosine_to_start"]) < 0.05
+    zero = movement(torch.zeros(3, 2), torch.ones(3, 2))  # from zero init nothing is relative: null, valid JSON
+    assert zero == {"relative_change": None, "cosine_to_start": None, "norm_ratio": None}
+    json.dumps(zero, allow_nan=False)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from fixtures import spy_train_rows, write_toy_dataset
 
+from gti.analysis.diagnostics import movement
 from gti.core.config import DataConfig, EvalConfig, FinetuneConfig, GroundConfig, OptimConfig, TrainerConfig
 
 
@@ -50,6 +51,10 @@ def test_ground_then_finetune(tmp_path, ground_run):
     assert torch.equal(w[:start], w0[:start])
     new = w[start:]
     assert not torch.allclose(new, new.mean(0, keepdim=True).expand_as(new), atol=1e-4)
+    # "moved" is measured from the mean init (every new row = the mean old row) to the saved rows
+    init_rows = w0.detach().mean(0, keepdim=True).expand_as(new)
+    assert meta["diagnostics"]["final"]["moved"] == pytest.approx(movement(init_rows, new), rel=1e-4)
+    assert meta["diagnostics"]["final"]["moved"]["relative_change"] > 0 and "moved" not in meta["diagnostics"]["init"]
 
     cfg = FinetuneConfig(
         init_from=str(out),
@@ -72,6 +77,9 @@ def test_ground_then_finetune(tmp_path, ground_run):
     valid_items = set(range(12))
     assert all(set(p["items"]) <= valid_items and len(p["items"]) == len(set(p["items"])) for p in preds)
     assert (ft / "model" / "config.json").is_file()
+    tuned = AutoModelForCausalLM.from_pretrained(ft / "model").get_input_embeddings().weight[start:]
+    moved = json.loads((ft / "gti.json").read_text())["diagnostics"]["moved"]  # from the grounded rows it started at
+    assert moved == pytest.approx(movement(new, tuned), rel=1e-4) and moved["cosine_to_start"] < 1.0
 
 
 def test_finetune_with_history_loss_on_tiling_windows(tmp_path, ground_run, monkeypatch):

@@ -119,6 +119,20 @@ def nearest_tokens(rows: torch.Tensor, old_rows: torch.Tensor, tokenizer, k: int
     return [[tokenizer.decode([int(i)]) for i in row] for row in top]
 
 
+def movement(start: torch.Tensor, E: torch.Tensor) -> dict[str, float]:
+    """How far training moved each row from where it started (both (n, d), row i the same token): the table's
+    relative change ||E - start|| / ||start|| (Frobenius), each row's cosine with its own start, averaged, and the
+    ratio of mean row norms; all null from an all-zero start. Rank and pairwise cosines can stay put while every
+    row moves: random rows that move to other random-looking places keep both."""
+    start, E = start.detach().double().cpu(), E.detach().double().cpu()
+    base = start.norm()
+    return _finite({
+        "relative_change": float((E - start).norm() / base) if base > 0 else float("nan"),
+        "cosine_to_start": float(F.cosine_similarity(E, start, dim=-1).mean()) if base > 0 else float("nan"),
+        "norm_ratio": float(E.norm(dim=-1).mean() / start.norm(dim=-1).mean()) if base > 0 else float("nan"),
+    })  # fmt: skip
+
+
 def _finite(x):
     """JSON has no NaN: undefined numbers (a single row, no level pair) become null."""
     if isinstance(x, float):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gti.analysis.diagnostics import level_of, plot_cosine_map, plot_spectrum, rsa, summarize
+from gti.analysis.diagnostics import level_of, movement, plot_cosine_map, plot_spectrum, rsa, summarize
 from gti.core.io import write_json
 from gti.data.dataset import Dataset, parse_sid_token
 from gti.tokens.vocab import NewTokens
@@ -32,7 +32,10 @@ def new_rows(model, new: NewTokens) -> torch.Tensor:
 
 
 def diagnose_rows(model, tokenizer, new: NewTokens, ds: Dataset | None, out_dir: Path, tag: str, before: dict | None = None) -> dict:
-    """Summary of the new rows (JSON + plots in out_dir). Returns the compact summary."""
+    """Summary of the new rows (JSON + plots in out_dir). Returns the compact summary.
+
+    `before`: the rows the stage started from (an earlier summary, or `start_rows`): the spectrum plot shows both,
+    and "moved" says how far each row went (gti.analysis.diagnostics.movement)."""
     E = new_rows(model, new)
     old = model.get_input_embeddings().weight.detach()[: new.start].float()
     levels = [level_of(t) for t in new.tokens]
@@ -44,13 +47,21 @@ def diagnose_rows(model, tokenizer, new: NewTokens, ds: Dataset | None, out_dir:
     if cv is not None:
         keep, C = cv
         summary["rsa"] = rsa(E[keep], torch.from_numpy(C).float())
+    if before is not None:
+        summary["moved"] = movement(before["_E"], E)
     write_json(out_dir / f"diagnostics_{tag}.json", summary)
-    plot_spectrum({tag: E} if before is None else {"init": before["_E"], tag: E}, out_dir / f"spectrum_{tag}.png")
+    plot_spectrum({tag: E} if before is None else {before["_tag"]: before["_E"], tag: E}, out_dir / f"spectrum_{tag}.png")
     order = sorted(range(len(new.tokens)), key=lambda i: (levels[i], i))
     plot_cosine_map(E, order, out_dir / f"cosine_{tag}.png", f"cosine of new rows ({tag})")
-    compact = {k: summary[k] for k in ("effective_rank", "effective_rank_centered", "participation_ratio", "mean_cosine", "level_cosine", "rsa") if k in summary}
-    compact["_E"] = E  # kept in memory for the next plot, dropped before JSON
+    keys = ("effective_rank", "effective_rank_centered", "participation_ratio", "mean_cosine", "level_cosine", "rsa", "moved")
+    compact = {k: summary[k] for k in keys if k in summary}
+    compact["_E"], compact["_tag"] = E, tag  # kept in memory for the next snapshot, dropped before JSON
     return compact
+
+
+def start_rows(model, new: NewTokens) -> dict:
+    """The new rows as a stage starts from them, for `diagnose_rows(..., before=)` (no files written)."""
+    return {"_E": new_rows(model, new), "_tag": "start"}
 
 
 def public(d: dict) -> dict:

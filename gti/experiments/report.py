@@ -147,17 +147,27 @@ def results_markdown(res: dict, ks: list[int]) -> str:
         (u, us), (c, cs) = m["lists"]["unique_list_share"], m["lists"]["items_covered"]
         lines.append(f"| {name} | {100 * u:.0f}% ± {100 * us:.0f}% | {c:.0f} ± {cs:.0f} |")
     lines += ["", "## Diagnostics of the new-token rows (seed of the first run)", "",
-              "| method | stage | effective rank | mean cosine | RSA (Spearman) |", "|---|---|---|---|---|"]  # fmt: skip
+              "Moved: how far the stage took the rows from where it started them, as the relative change of the table "
+              "and each row's cosine with its own start (1: unmoved).", "",
+              "| method | stage | effective rank | mean cosine | RSA (Spearman) | moved: relative change / cosine to start |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for name, m in res["methods"].items():
         for stage, d in m["runs"][0]["diagnostics"].items():
-            rsa = d.get("rsa", {}).get("spearman")
+            rsa, moved = d.get("rsa", {}).get("spearman"), d.get("moved") or {}
             lines.append(f"| {name} | {stage} | {d.get('effective_rank', float('nan')):.1f} | {d.get('mean_cosine', float('nan')):.3f} | "
-                         + (f"{rsa:.3f}" if rsa is not None else "–") + " |")  # fmt: skip
+                         + (f"{rsa:.3f}" if rsa is not None else "–") + " | " + _moved(moved) + " |")  # fmt: skip
     lines += ["", "## Cost per run (first seed)", "", "| method | stage | wall (s) | peak RSS (MB) |", "|---|---|---|---|"]  # fmt: skip
     for name, m in res["methods"].items():
         for stage, c in m["runs"][0]["cost"].items():
             lines.append(f"| {name} | {stage} | {c['wall_s']:.0f} | {c['peak_rss_mb']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def _moved(moved: dict) -> str:
+    change, cosine = moved.get("relative_change"), moved.get("cosine_to_start")
+    if cosine is None:  # the init snapshot, or a run from before the number was recorded
+        return "–"
+    return f"{change:.2f} / {cosine:.3f}" if change is not None else f"– / {cosine:.3f}"
 
 
 def _resolution(res: dict) -> str:
