@@ -38,8 +38,8 @@ def run(cfg: SasrecConfig) -> Path:
         Padded,
         SasrecModel,
         SasrecModule,
-        collate_eval,
         collate_train,
+        eval_batches,
         load_data,
         save_model,
         target_positions,
@@ -63,11 +63,7 @@ def run(cfg: SasrecConfig) -> Path:
     train_loader = DataLoader(Padded(collate_train(windows, T)), batch_size=cfg.optim.batch_size, shuffle=True,
                               collate_fn=target_positions, num_workers=cfg.trainer.num_workers)  # fmt: skip
 
-    def evaluate(examples):  # the same batches every epoch: collated once
-        b = cfg.eval.batch_size
-        return DataLoader([collate_eval(examples[i : i + b], T) for i in range(0, len(examples), b)], batch_size=None)
-
-    val_loader, test_loader = evaluate(valid), evaluate(test)
+    val_loader, test_loader = (DataLoader(eval_batches(x, T, cfg.eval.batch_size), batch_size=None) for x in (valid, test))
     model = SasrecModel(ds.num_items, cfg.hidden, cfg.blocks, cfg.heads, cfg.dropout, T)
     module = SasrecModule(model, cfg)
     stage.say(

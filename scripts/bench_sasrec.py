@@ -3,7 +3,7 @@
 Measured side by side in one run on the dataset's real windows (ML-1M by default, `python -m gti.prepare` first):
   1. training data per epoch: a shuffled epoch of batches collated per batch from the window lists (before) against
      the loader the stage now uses (`Padded` + `target_positions`: one index per column); both give the same batches;
-  2. validation data per epoch: collate_eval per batch (before) against iterating the batches collated once;
+  2. validation data per epoch: collate_eval per batch (eval_batches, before) against iterating them collated once;
   3. for scale, one training step (forward, backward, Adam) on `--device` at the stage's batch size, ms.
 On a GPU the step is a few milliseconds, so (1) and (2) were most of an epoch; on this CPU the step dominates.
     python scripts/bench_sasrec.py                  # ML-1M, batch 128, sequences of 200 (configs/sasrec.yaml)
@@ -24,8 +24,8 @@ from gti.train.sasrec import (
     Padded,
     SasrecModel,
     SasrecModule,
-    collate_eval,
     collate_train,
+    eval_batches,
     load_data,
     target_positions,
     train_windows,
@@ -66,10 +66,8 @@ def main() -> None:
     before, after = seconds(per_batch, a.repeats), seconds(lambda: [None for _ in loader], a.repeats)
     print(f"training data per epoch:   per batch {before * 1e3:8.1f} ms   padded once {after * 1e3:7.1f} ms   ({before / after:.0f}x)")
 
-    eb = a.eval_batch
-    batches = [collate_eval(valid[i : i + eb], T) for i in range(0, len(valid), eb)]
-    val = DataLoader(batches, batch_size=None)
-    before = seconds(lambda: [collate_eval(valid[i : i + eb], T) for i in range(0, len(valid), eb)], a.repeats)
+    val = DataLoader(eval_batches(valid, T, a.eval_batch), batch_size=None)
+    before = seconds(lambda: eval_batches(valid, T, a.eval_batch), a.repeats)  # what the stage did every epoch
     after = seconds(lambda: [None for _ in val], a.repeats)
     print(f"validation data per epoch: per batch {before * 1e3:8.1f} ms   collated once {after * 1e3:5.1f} ms")
 

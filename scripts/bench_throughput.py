@@ -351,16 +351,15 @@ def ranking_speed(args, ds, model, tok, fmt) -> dict:
     from gti.rank.trie import SidTrie, beams_to_items
     from gti.testing import hf_constrained_beam_search
     from gti.train.recommender import ranking_precision
-    from gti.train.rows import collate, eval_rows
+    from gti.train.rows import eval_rows, prompt_loader
 
     device = device_for(args.accelerator)
     users = args.rank_users or (512 if device.type == "cuda" else 8)
     test = leave_one_out(ds.inter, args.history)["test"][:users]
     rows = eval_rows(ds, test, fmt, 0)  # as gti.finetune batches them: longest prompts first
 
-    def prompts_of(size: int) -> list[dict]:
-        return [collate(rows.select(range(i, min(i + size, len(rows)))), tok.pad_token_id, left=True)
-                for i in range(0, len(rows), size)]  # fmt: skip
+    def prompts_of(size: int) -> list[dict]:  # the batches gti.finetune ranks (prompt_loader)
+        return list(prompt_loader(rows, tok.pad_token_id, size))
 
     prompts = prompts_of(args.rank_batch[0])
     trie = SidTrie([tok.convert_tokens_to_ids(ds.index[i]) for i in sorted(ds.index)], tok.eos_token_id).to(device)

@@ -178,6 +178,11 @@ def collate_eval(examples: list[Example], max_len: int) -> dict:
     }
 
 
+def eval_batches(examples: list[Example], max_len: int, batch_size: int) -> list[dict]:
+    """collate_eval of every `batch_size` examples, in order: built once, the same batches every epoch."""
+    return [collate_eval(examples[i : i + batch_size], max_len) for i in range(0, len(examples), batch_size)]
+
+
 # ----------------------------------------------------------------------------------------- LightningModule
 class SasrecModule(L.LightningModule):
     """Full-softmax cross-entropy at every real position; validation and test rank the whole catalogue twice: as
